@@ -1,0 +1,31 @@
+# `make test` and `make demo` work from a fresh clone with only Python 3.9+ on the PATH.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: test test-all demo clean-demo venv
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml scripts/install_torch.sh
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	bash scripts/install_torch.sh $(BIN)/pip
+	$(BIN)/pip install -q -e '.[test]'
+	# taming-transformers is the parity reference; its declared deps (lightning, torchvision) are not needed.
+	$(BIN)/pip install -q --no-deps taming-transformers==0.0.1
+	touch $@
+
+# The fast suite (a few minutes on 2 CPU cores).
+test: venv
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Everything, the full-size parity checks included.
+test-all: venv
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+demo: venv
+	$(BIN)/python -m tokenpaint.demo --out demo
+
+clean-demo:
+	rm -rf demo
