@@ -10,8 +10,11 @@ PY="$(dirname "$PIP")/python"
 if "$PY" -c "import torch" 2>/dev/null; then
   echo "torch $("$PY" -c 'import torch; print(torch.__version__)') already installed"; exit 0
 fi
-if "$PIP" install -q --no-index torch 2>/dev/null; then
-  echo "torch installed from a local wheel"; exit 0
+if "$PIP" install -q --no-index --no-deps torch 2>/dev/null; then
+  # The wheel came from a local wheelhouse; now let pip fetch its small pure-Python dependencies.
+  version="$("$PY" -c 'import importlib.metadata as m; print(m.version("torch"))')"
+  "$PIP" install -q "torch==$version"
+  echo "torch $version installed from a local wheel"; exit 0
 fi
 if ! command -v nvidia-smi >/dev/null 2>&1; then
   if "$PIP" install -q torch --index-url https://download.pytorch.org/whl/cpu; then
