@@ -1,1 +1,27 @@
+"""Samplers: autoregressive (GPT, KV cache) and iterative masked (MaskGIT) decoding, guidance and editing helpers.
 
+Free functions over a model; every random choice comes from the `torch.Generator` (or one generator per batch row)
+the caller passes, so results are reproducible.
+"""
+
+from .autoregressive import num_image_tokens, sample_autoregressive
+from .editing import continue_image, img2img, inpaint, outpaint, pixel_mask_to_token_mask, random_token_mask
+from .filters import apply_guidance, filter_logits, gumbel_noise, mask_by_random_topk, sample_from_logits
+from .masked import sample_masked
+
+__all__ = [
+    "sample_autoregressive",
+    "sample_masked",
+    "filter_logits",
+    "apply_guidance",
+    "gumbel_noise",
+    "mask_by_random_topk",
+    "sample_from_logits",
+    "num_image_tokens",
+    "pixel_mask_to_token_mask",
+    "inpaint",
+    "outpaint",
+    "img2img",
+    "continue_image",
+    "random_token_mask",
+]

@@ -1,1 +1,36 @@
+"""Generators over [text ids ; image ids]: a causal GPT (with a KV cache) and a bidirectional masked transformer."""
+from .config import GeneratorConfig
+from .gpt import GPT, GPTConfig, KVCache
+from .io import load_generator
+from .masked import MaskedTransformer, MaskedTransformerConfig
+from .presets import (
+    PRESETS,
+    SAMPLE_DEFAULTS,
+    TRAIN_DEFAULTS,
+    load_transformer_yaml,
+    model_config_from_yaml,
+    preset_config,
+)
+from .schedule import MASK_SCHEDULES, NULL_TEXT_ID, drop_condition, mask_ratio, masked_training_batch, sample_mask
 
+__all__ = [
+    "GeneratorConfig",
+    "GPT",
+    "GPTConfig",
+    "KVCache",
+    "MaskedTransformer",
+    "MaskedTransformerConfig",
+    "load_generator",
+    "PRESETS",
+    "SAMPLE_DEFAULTS",
+    "TRAIN_DEFAULTS",
+    "load_transformer_yaml",
+    "model_config_from_yaml",
+    "preset_config",
+    "MASK_SCHEDULES",
+    "NULL_TEXT_ID",
+    "drop_condition",
+    "mask_ratio",
+    "masked_training_batch",
+    "sample_mask",
+]

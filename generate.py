@@ -1,0 +1,130 @@
+"""Generate (or edit) images from a trained transformer run directory.
+
+    python generate.py --model RUN_DIR --prompt "a red circle" "一只猫" --num-images 4 --out-dir outputs/
+    python generate.py --model RUN_DIR --input prompts.tsv --output predictions.tsv   # EasyNLP predict schema
+    python generate.py --model RUN_DIR --prompt "a cat" --init-image in.png --mask mask.png --edit-mode inpaint
+
+Image i of the request (prompt-major) uses seed + i, so any single image can be regenerated alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from tokenpaint.pipeline import DTYPES, EDIT_MODES, Pipeline, make_grid, validate_options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, metavar="DIR", help="transformer run directory (train.py transformer)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", nargs="+", action="extend", metavar="TEXT", help="one or more prompts")
+    src.add_argument("--input", metavar="PROMPTS.tsv", help="prompt TSV: idx \\t text")
+    p.add_argument("--output", metavar="OUT.tsv", help="write idx \\t text \\t b64png[,b64png...]")
+    p.add_argument("--out-dir", metavar="DIR", help="write {idx}_{k}.png (default outputs/ when --output is not given)")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, help="masked decoding steps (mim)")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (1 = off)")
+    p.add_argument("--negative-prompt", metavar="TEXT", help="replaces the empty prompt of guidance")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float, help="nucleus sampling (gpt)")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--no-kv-cache", action="store_true", help="re-run the whole sequence each step (gpt)")
+    p.add_argument("--init-image", metavar="PATH", help="edit this image instead of generating from scratch")
+    p.add_argument("--mask", metavar="PATH", help="white = regenerate (same size as --init-image)")
+    p.add_argument("--strength", type=float, default=0.6, help="img2img: share of tokens regenerated")
+    p.add_argument("--edit-mode", choices=EDIT_MODES,
+                   help="default: inpaint with --mask, else img2img (mim) / continue (gpt)")
+    p.add_argument("--grid", action="store_true", help="also write grid.png (a row per prompt)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="cast the generator once")
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+def check_args(parser: argparse.ArgumentParser, args) -> tuple[list[tuple[str, str]], str]:
+    """Every check that needs no model weights; returns ([(idx, text)], generator kind)."""
+    config = Path(args.model) / "config.json"
+    if not Path(args.model).is_dir():
+        parser.error(f"--model: directory {args.model} does not exist")
+    if not config.is_file():
+        parser.error(f"--model: {config} not found (is {args.model} a transformer run directory?)")
+    try:
+        kind = json.loads(config.read_text(encoding="utf-8")).get("kind")
+        validate_options(num_images=args.num_images, batch_size=args.batch_size, steps=args.steps,
+                         guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p,
+                         temperature=args.temperature, strength=args.strength)
+    except ValueError as e:
+        parser.error(f"--{str(e).split(' ')[0].replace('_', '-')}: {e}" if " must " in str(e) else str(e))
+    editing = [flag for flag, value in (("--mask", args.mask), ("--edit-mode", args.edit_mode)) if value]
+    if editing and not args.init_image:
+        parser.error(f"{editing[0]} needs --init-image")
+    for flag, path in (("--init-image", args.init_image), ("--mask", args.mask), ("--input", args.input)):
+        if path and not os.path.isfile(path):
+            parser.error(f"{flag}: file {path} does not exist")
+    if args.init_image:
+        args.edit_mode = args.edit_mode or ("inpaint" if args.mask else "img2img" if kind == "mim" else "continue")
+        if args.edit_mode == "inpaint" and not args.mask:
+            parser.error("--edit-mode inpaint needs --mask")
+        if args.edit_mode == "img2img" and kind != "mim":
+            parser.error("--edit-mode img2img needs a masked (mim) model; use inpaint or continue with a gpt")
+    if args.prompt is not None:
+        prompts = [(str(i), text) for i, text in enumerate(args.prompt)]
+    else:
+        from tokenpaint.data import read_prompts
+
+        try:
+            prompts = read_prompts(args.input)
+        except ValueError as e:
+            parser.error(f"--input: {e}")
+        if not prompts:
+            parser.error(f"--input: {args.input} holds no prompts")
+    return prompts, kind
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prompts, _ = check_args(parser, args)
+    out_dir = args.out_dir or (None if args.output else "outputs")
+
+    pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    options = dict(steps=args.steps, guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
+                   top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
+                   use_kv_cache=not args.no_kv_cache, batch_size=args.batch_size, progress=True)
+    n = args.num_images
+    if args.init_image:
+        images = []
+        for j, (_, text) in enumerate(prompts):  # image i of the request keeps the seed seed + i
+            images += pipe.edit(text, args.init_image, mask=args.mask, mode=args.edit_mode, strength=args.strength,
+                                seed=args.seed + j * n, num_images=n, **options)
+    else:
+        images = pipe([text for _, text in prompts], num_images=n, seed=args.seed, **options)
+    per_prompt = [images[j * n : (j + 1) * n] for j in range(len(prompts))]
+
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        for (idx, _), row in zip(prompts, per_prompt):
+            safe_idx = idx.replace(os.sep, "_")
+            for k, image in enumerate(row):
+                image.save(os.path.join(out_dir, f"{safe_idx}_{k}.png"))
+    if args.grid:
+        grid_path = os.path.join(out_dir, "grid.png") if out_dir else str(Path(args.output).with_suffix(".grid.png"))
+        make_grid(images, columns=n).save(grid_path)
+    if args.output:
+        from tokenpaint.data import write_output_tsv
+
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        write_output_tsv(args.output, [(idx, text, row) for (idx, text), row in zip(prompts, per_prompt)])
+    where = " and ".join(x for x in (out_dir, args.output) if x)
+    print(f"wrote {len(images)} image(s) for {len(prompts)} prompt(s) to {where}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Token cache: every training image encoded once by the VQGAN into uint16 ids on disk, plus the caption ids.
+
+The transformer stage then reads ids through memory maps and never runs the VQGAN per step. The cache is keyed by a
+fingerprint of the TSV, the VQGAN weights, the tokenizer and the preprocessing, and is rebuilt when any of them changes.
+
+Layout of `cache_dir`: `image_ids.u16` (raw uint16 [N, h*w]), `text_ids.i32` (raw int32 [N, text_len]),
+`captions.jsonl` (one {"idx", "text", "line"} per row) and `meta.json` (fingerprint, shapes), which is written last:
+a build killed midway leaves no `meta.json` that matches, so the next call rebuilds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import warnings
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .text import TextTokenizer
+from .tsv import TSVImageText
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+_HEAD_TAIL_BYTES = 1 << 20
+_FILES = {"image_ids": ("image_ids.u16", np.uint16), "text_ids": ("text_ids.i32", np.int32)}
+
+
+def file_fingerprint(path) -> dict:
+    """Path, size, mtime and a hash of the first and last MB: cheap, and catches in-place edits of either end."""
+    stat = os.stat(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(_HEAD_TAIL_BYTES))
+        if stat.st_size > _HEAD_TAIL_BYTES:
+            f.seek(max(_HEAD_TAIL_BYTES, stat.st_size - _HEAD_TAIL_BYTES))
+            digest.update(f.read())
+    return {"path": os.path.abspath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "head_tail_sha256": digest.hexdigest()}
+
+
+def state_dict_hash(module) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of a module's state_dict."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tokenizer_hash(tokenizer: TextTokenizer) -> str:
+    with open(tokenizer.model_file, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def cache_fingerprint(tsv_path, vqgan, tokenizer, resolution: int, text_len: int) -> dict:
+    return {"format": CACHE_FORMAT, "tsv": file_fingerprint(tsv_path), "vqgan_sha256": state_dict_hash(vqgan),
+            "tokenizer_sha256": tokenizer_hash(tokenizer), "resolution": resolution, "text_len": text_len}
+
+
+class TokenCache(Dataset):
+    """Memory-mapped token cache; item i is (text_ids long [text_len], image_ids long [h*w])."""
+
+    def __init__(self, cache_dir, reused: bool = False):
+        self.cache_dir = os.fspath(cache_dir)
+        meta_path = os.path.join(self.cache_dir, "meta.json")
+        if not os.path.isfile(meta_path):
+            raise FileNotFoundError(f"no token cache in {self.cache_dir} (missing meta.json)")
+        with open(meta_path, encoding="utf-8") as f:
+            self.meta = json.load(f)
+        self.reused = reused
+        self._open()
+
+    def _open(self) -> None:
+        n = self.meta["num_rows"]
+        widths = {"image_ids": self.meta["tokens_per_image"], "text_ids": self.meta["fingerprint"]["text_len"]}
+        for name, (filename, dtype) in _FILES.items():
+            path = os.path.join(self.cache_dir, filename)
+            expected = n * widths[name] * np.dtype(dtype).itemsize
+            if not os.path.isfile(path) or os.path.getsize(path) != expected:
+                raise ValueError(f"token cache {path} is missing or not {expected} bytes; delete {self.cache_dir}")
+            array = np.memmap(path, dtype=dtype, mode="r", shape=(n, widths[name])) if n else \
+                np.zeros((0, widths[name]), dtype=dtype)  # np.memmap refuses empty files
+            setattr(self, name, array)
+
+    def __getstate__(self):  # memmaps would be pickled as full copies: reopen them in the worker instead
+        return {"cache_dir": self.cache_dir, "meta": self.meta, "reused": self.reused}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._open()
+
+    @property
+    def fingerprint(self) -> dict:
+        return self.meta["fingerprint"]
+
+    @property
+    def image_grid(self) -> tuple[int, int]:
+        return tuple(self.meta["image_grid"])
+
+    @property
+    def text_len(self) -> int:
+        return self.meta["fingerprint"]["text_len"]
+
+    def __len__(self) -> int:
+        return self.meta["num_rows"]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        text_ids = torch.from_numpy(self.text_ids[i].astype(np.int64))
+        image_ids = torch.from_numpy(self.image_ids[i].astype(np.int64))
+        return text_ids, image_ids
+
+    def captions(self) -> list[dict]:
+        """[{"idx", "text", "line"}] for every cached row, in order."""
+        with open(os.path.join(self.cache_dir, "captions.jsonl"), encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+
+
+def _model_device(module) -> torch.device:
+    try:
+        return next(module.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+def build_token_cache(tsv_path, vqgan, tokenizer: TextTokenizer, cache_dir, resolution: int, text_len: int = 32,
+                      batch_size: int = 32, bad_rows: str = "error", progress: bool = True,
+                      num_workers: int = 0) -> TokenCache:
+    """Encode every row of `tsv_path` once (`vqgan.encode(x) -> long [B,h,w]`, tokenizer ids) into `cache_dir`, or
+    reuse the cache there if its fingerprint matches. Single-process: under DDP, build on rank 0 first, then let the
+    other ranks call this (they will reuse it)."""
+    fingerprint = cache_fingerprint(tsv_path, vqgan, tokenizer, resolution, text_len)
+    meta_path = os.path.join(cache_dir, "meta.json")
+    if os.path.isfile(meta_path):
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                stored = json.load(f)
+            if stored.get("fingerprint") == fingerprint:
+                return TokenCache(cache_dir, reused=True)
+            changed = sorted(k for k in fingerprint if stored.get("fingerprint", {}).get(k) != fingerprint[k])
+            logger.info("token cache %s is stale (%s changed): rebuilding", cache_dir, ", ".join(changed))
+        except (ValueError, KeyError, OSError) as e:  # unreadable or inconsistent cache: rebuild it
+            logger.warning("token cache %s is unusable (%s): rebuilding", cache_dir, e)
+        os.remove(meta_path)  # from here on, the old files no longer count as a cache
+
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = {name: os.path.join(cache_dir, f"{filename}.tmp{os.getpid()}") for name, (filename, _) in _FILES.items()}
+    tmp["captions"] = os.path.join(cache_dir, f"captions.jsonl.tmp{os.getpid()}")
+    dataset = TSVImageText(tsv_path, resolution, bad_rows=bad_rows, rank=0, world_size=1)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    device = _model_device(vqgan)
+    num_rows, truncated, grid = 0, 0, None
+    try:
+        with open(tmp["image_ids"], "wb") as image_file, open(tmp["text_ids"], "wb") as text_file, \
+                open(tmp["captions"], "w", encoding="utf-8") as caption_file, torch.inference_mode():
+            for batch in tqdm(loader, desc=f"tokenising {os.path.basename(tsv_path)}", unit="batch",
+                              disable=not progress):
+                ids = vqgan.encode(batch["image"].to(device))  # long [B,h,w]
+                if ids.dim() != 3 or ids.shape[0] != batch["image"].shape[0]:
+                    raise ValueError(f"vqgan.encode returned shape {tuple(ids.shape)}, expected [B,h,w]")
+                if grid is None:
+                    grid = tuple(ids.shape[1:])
+                if ids.min() < 0 or ids.max() > np.iinfo(np.uint16).max:
+                    raise ValueError("vqgan.encode returned ids outside [0, 65535]: cannot store them as uint16")
+                image_file.write(ids.reshape(ids.shape[0], -1).cpu().numpy().astype(np.uint16).tobytes())
+                text_ids = tokenizer.encode(batch["text"], length=text_len, warn=False)  # long [B,text_len]
+                truncated += sum(n > text_len for n in tokenizer.num_tokens(batch["text"]))
+                text_file.write(text_ids.numpy().astype(np.int32).tobytes())
+                for idx, text, line in zip(batch["idx"], batch["text"], batch["line"].tolist()):
+                    caption_file.write(json.dumps({"idx": idx, "text": text, "line": line}, ensure_ascii=False) + "\n")
+                num_rows += ids.shape[0]
+        if num_rows == 0:
+            raise ValueError(f"{tsv_path}: no usable rows to cache")
+        for name, (filename, _) in _FILES.items():
+            os.replace(tmp[name], os.path.join(cache_dir, filename))
+        os.replace(tmp["captions"], os.path.join(cache_dir, "captions.jsonl"))
+        meta = {"fingerprint": fingerprint, "num_rows": num_rows, "image_grid": list(grid),
+                "tokens_per_image": grid[0] * grid[1], "captions_truncated": truncated, "bad_rows_skipped": dataset.bad_rows_skipped,
+                "bad_row_counts": dataset.bad_row_counts}
+        meta_tmp = meta_path + f".tmp{os.getpid()}"
+        with open(meta_tmp, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1, ensure_ascii=False)
+        os.replace(meta_tmp, meta_path)  # the commit point
+    finally:
+        for path in tmp.values():
+            if os.path.exists(path):
+                os.remove(path)
+    if dataset.bad_rows_skipped:
+        logger.warning(dataset.summary())
+    if truncated:
+        warnings.warn(f"{tsv_path}: {truncated} of {num_rows} captions were longer than text_len={text_len} tokens "
+                      "and were truncated", stacklevel=2)
+    return TokenCache(cache_dir, reused=False)

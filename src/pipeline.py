@@ -1,0 +1,342 @@
+"""Text -> images from a transformer run directory: `Pipeline.from_pretrained(run_dir)(prompts)`, plus editing.
+
+A run directory (written by `train.py transformer`) holds config.json (with "kind": "gpt" | "mim") and
+model.safetensors, tokenizer.model, vqgan/ and train_config.yaml (whose `sample:` section gives the defaults).
+
+Reproducibility: image i of a request (prompt-major: all images of prompt 0, then prompt 1, ...) is sampled with its
+own generator seeded `seed + i` and decoded on its own, so it does not depend on the batch size or on the other
+prompts of the request.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+import yaml
+from einops import rearrange
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .sampling import continue_image, img2img, inpaint, outpaint, pixel_mask_to_token_mask, sample_autoregressive
+from .sampling import sample_masked
+from .sampling.editing import pixel_mask_to_bool
+
+# used when train_config.yaml has no `sample:` section (the same values as tokenpaint.transformer.SAMPLE_DEFAULTS)
+BUILTIN_DEFAULTS = dict(steps=12, guidance_scale=3.0, top_k=100, top_p=1.0, temperature=1.0)
+SAMPLE_KEYS = ("steps", "guidance_scale", "top_k", "top_p", "temperature", "choice_temperature", "schedule",
+               "guidance_schedule")
+EDIT_MODES = ("inpaint", "outpaint", "img2img", "continue")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def validate_options(*, num_images=1, batch_size=1, steps=None, guidance_scale=None, top_k=None, top_p=None,
+                     temperature=None, strength=None, mode=None) -> None:
+    """Raise ValueError naming the first bad argument; None means "use the default" and is always fine."""
+    checks = [
+        ("num_images", num_images, lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+        ("batch_size", batch_size, lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+        ("steps", steps, lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+        ("guidance_scale", guidance_scale, lambda v: v >= 0, ">= 0 (1 = no guidance)"),
+        ("top_k", top_k, lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+        ("top_p", top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
+        ("temperature", temperature, lambda v: v > 0, "> 0"),
+        ("strength", strength, lambda v: 0 < v <= 1, "in (0, 1]"),
+        ("mode", mode, lambda v: v in EDIT_MODES, f"one of {list(EDIT_MODES)}"),
+    ]
+    for name, value, ok, wanted in checks:
+        if value is not None and not ok(value):
+            raise ValueError(f"{name} must be {wanted}, got {value!r}")
+
+
+def read_sample_defaults(path: Path) -> dict:
+    """The sampler defaults: BUILTIN_DEFAULTS updated by the `sample:` section of train_config.yaml if present."""
+    defaults = dict(BUILTIN_DEFAULTS)
+    if not path.is_file():
+        return defaults
+    with open(path, encoding="utf-8") as f:
+        try:
+            config = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: invalid YAML: {e}") from None
+    section = config.get("sample") if isinstance(config, dict) else None
+    if section is not None and not isinstance(section, dict):
+        raise ValueError(f"{path}: section 'sample' must be a mapping, got {type(section).__name__}")
+    # top_k / top_p null = no filtering (as in the training-time samples); other nulls keep the built-in default
+    defaults.update({k: v for k, v in (section or {}).items()
+                     if k in SAMPLE_KEYS and (v is not None or k in ("top_k", "top_p"))})
+    try:
+        validate_options(**{k: defaults[k] for k in BUILTIN_DEFAULTS})
+    except ValueError as e:
+        raise ValueError(f"{path}: section 'sample': {e}") from None
+    return defaults
+
+
+def to_pil(x: torch.Tensor) -> Image.Image:
+    """float [3, H, W] in [-1, 1] (clamped) -> RGB PIL."""
+    pixels = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return Image.fromarray(rearrange(pixels, "c h w -> h w c").cpu().numpy(), "RGB")
+
+
+def from_pil(image: Image.Image) -> torch.Tensor:
+    """RGB PIL -> float [3, H, W] in [-1, 1]."""
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy())
+    return rearrange(pixels, "h w c -> c h w").float() / 127.5 - 1.0
+
+
+def make_grid(images: Sequence[Image.Image], columns: int) -> Image.Image:
+    """Paste equally sized images row by row into one image with `columns` columns."""
+    width, height = images[0].size
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid
+
+
+def _as_prompt_list(prompts, name: str = "prompts") -> list[str]:
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError(f"{name} must hold at least one prompt")
+    bad = [p for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise ValueError(f"{name} must be strings, got {type(bad[0]).__name__}")
+    return prompts
+
+
+def _open_image(image, name: str) -> Image.Image:
+    if isinstance(image, (str, os.PathLike)):
+        if not os.path.isfile(image):
+            raise FileNotFoundError(f"{name}: no image file at {image}")
+        with Image.open(image) as opened:
+            return opened.convert("RGB") if name == "image" else opened.copy()
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"{name} must be a PIL image or a path, got {type(image).__name__}")
+    return image
+
+
+class Pipeline:
+    """A generator (GPT or masked transformer), its text tokenizer and its VQGAN, ready for inference."""
+
+    def __init__(self, model, tokenizer, vqgan, defaults: Optional[dict] = None):
+        self.model, self.tokenizer, self.vqgan = model, tokenizer, vqgan
+        self.kind = "mim" if hasattr(model, "mask_token_id") else "gpt"
+        self.defaults = dict(BUILTIN_DEFAULTS if defaults is None else defaults)
+        self.device = next(model.parameters()).device
+        self.tokens_per_side = int(model.config.image_size)
+        self.resolution = self.tokens_per_side * int(vqgan.downsample_factor)
+        if tokenizer.vocab_size > model.config.text_vocab_size:
+            raise ValueError(
+                f"the tokenizer has {tokenizer.vocab_size} pieces but the generator embeds only "
+                f"{model.config.text_vocab_size} text ids (tokenizer.model from another run?)"
+            )
+        if vqgan.codebook_size != model.config.codebook_size:
+            raise ValueError(
+                f"the VQGAN has {vqgan.codebook_size} codes but the generator predicts {model.config.codebook_size}"
+            )
+
+    @classmethod
+    def from_pretrained(cls, run_dir, device: Union[str, torch.device] = "cpu", dtype=None) -> "Pipeline":
+        """Load a run directory; `dtype` (torch.dtype or "bfloat16"/"float32"/"float16") casts the generator once."""
+        from .data import TextTokenizer
+        from .transformer import load_generator
+        from .vqgan import VQGAN
+
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"model directory {run_dir} does not exist")
+        for needed in ("config.json", "model.safetensors", "tokenizer.model", "vqgan"):
+            if not (run_dir / needed).exists():
+                raise FileNotFoundError(f"model directory {run_dir} has no {needed} (is it a transformer run?)")
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+            dtype = DTYPES[dtype]
+        model = load_generator(run_dir, map_location=device)
+        model.prepare_for_inference(dtype)  # a one-time cast: autocast would re-cast weights at every decode step
+        vqgan = VQGAN.from_pretrained(run_dir / "vqgan", map_location=str(device)).prepare_for_inference()
+        tokenizer = TextTokenizer(str(run_dir / "tokenizer.model"))
+        return cls(model, tokenizer, vqgan, read_sample_defaults(run_dir / "train_config.yaml"))
+
+    # ------------------------------------------------------------------ text -> images
+    def __call__(self, prompts, num_images: int = 1, seed: int = 0, batch_size: int = 8, steps=None,
+                 guidance_scale=None, negative_prompt=None, top_k=None, top_p=None, temperature=None,
+                 use_kv_cache: bool = True, progress: bool = False) -> list[Image.Image]:
+        """num_images images per prompt, prompt-major; image i uses the seed `seed + i`."""
+        ids = self.generate_ids(prompts, num_images=num_images, seed=seed, batch_size=batch_size, steps=steps,
+                                guidance_scale=guidance_scale, negative_prompt=negative_prompt, top_k=top_k,
+                                top_p=top_p, temperature=temperature, use_kv_cache=use_kv_cache, progress=progress)
+        return self.decode(ids)
+
+    def generate_ids(self, prompts, num_images: int = 1, seed: int = 0, batch_size: int = 8, steps=None,
+                     guidance_scale=None, negative_prompt=None, top_k=None, top_p=None, temperature=None,
+                     use_kv_cache: bool = True, progress: bool = False) -> torch.Tensor:
+        """Like __call__ but returns the image ids long [len(prompts) * num_images, h, w]."""
+        prompts = _as_prompt_list(prompts)
+        validate_options(num_images=num_images, batch_size=batch_size, steps=steps, guidance_scale=guidance_scale,
+                         top_k=top_k, top_p=top_p, temperature=temperature)
+        options = self._options(steps, guidance_scale, top_k, top_p, temperature, use_kv_cache)
+        text = self.encode_text(prompts).repeat_interleave(num_images, dim=0)  # [M, T], prompt-major
+        negative = self._negative_ids(negative_prompt, len(prompts)).repeat_interleave(num_images, dim=0)
+        total = text.shape[0]
+        out = []
+        bar = tqdm(total=total, desc="images", disable=not progress)
+        for start in range(0, total, batch_size):
+            rows = slice(start, min(start + batch_size, total))
+            gens = self._generators(seed, range(rows.start, rows.stop))
+            out.append(self._sample(text[rows], negative[rows], gens, options))
+            bar.update(rows.stop - rows.start)
+        bar.close()
+        return torch.cat(out).view(total, self.tokens_per_side, self.tokens_per_side)
+
+    @torch.inference_mode()
+    def decode(self, ids: torch.Tensor) -> list[Image.Image]:
+        """Image ids [M, h, w] -> M PIL images, decoded one at a time (so that no image depends on its batch)."""
+        return [to_pil(self.vqgan.decode(row[None].to(self.device))[0]) for row in ids]
+
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Prompts -> text ids [B, text_len] on the device (a too long prompt is truncated with a warning)."""
+        return self.tokenizer.encode(list(prompts), length=self.model.config.text_len).to(self.device)
+
+    # ------------------------------------------------------------------ editing
+    def edit(self, prompt: str, image, mask=None, mode: str = "inpaint", strength: float = 0.6, seed: int = 0,
+             **kwargs) -> list[Image.Image]:
+        """Edit `image` under `prompt` and return PIL images; the arguments are those of `edit_ids`."""
+        return self.decode(self.edit_ids(prompt, image, mask=mask, mode=mode, strength=strength, seed=seed, **kwargs))
+
+    def edit_ids(self, prompt: str, image, mask=None, mode: str = "inpaint", strength: float = 0.6, seed: int = 0,
+                 num_images: int = 1, batch_size: int = 8, keep_rows: Optional[int] = None,
+                 offset: Optional[tuple[int, int]] = None, steps=None, guidance_scale=None, negative_prompt=None,
+                 top_k=None, top_p=None, temperature=None, use_kv_cache: bool = True,
+                 progress: bool = False) -> torch.Tensor:
+        """Edit `image` (PIL or path) under `prompt`; returns num_images images (image i uses seed + i).
+
+        inpaint: regenerate where `mask` (same size as the image; white / True = regenerate) is set.
+        outpaint: place the image (scaled down to fit if needed) on the canvas at `offset` = (left, top) pixels
+        (default: centred) and generate the rest. img2img (masked model): re-generate a `strength` fraction of the
+        tokens. continue: keep the top `keep_rows` token rows (default: the rows above the mask, else half).
+        Returns image ids long [num_images, h, w].
+        """
+        validate_options(num_images=num_images, batch_size=batch_size, steps=steps, guidance_scale=guidance_scale,
+                         top_k=top_k, top_p=top_p, temperature=temperature, strength=strength, mode=mode)
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        image = _open_image(image, "image").convert("RGB")
+        token_mask = None
+        if mask is not None:
+            if mode in ("img2img", "outpaint"):
+                raise ValueError(f"mask is not used in mode {mode!r}; use mode='inpaint' to regenerate a region")
+            token_mask = self._token_mask(mask, image.size)
+        if mode == "inpaint" and token_mask is None:
+            raise ValueError("mask is required for mode='inpaint'")
+        if mode == "img2img" and self.kind != "mim":
+            raise ValueError("mode='img2img' needs a masked (mim) model; use 'inpaint' or 'continue' with a GPT")
+        options = self._options(steps, guidance_scale, top_k, top_p, temperature, use_kv_cache)
+        side = self.tokens_per_side
+        if mode == "continue":
+            if keep_rows is None:
+                keep_rows = (int(torch.nonzero(token_mask)[0]) // side) if token_mask is not None and token_mask.any() \
+                    else side // 2
+            if not 0 <= keep_rows <= side:
+                raise ValueError(f"keep_rows must be in [0, {side}], got {keep_rows}")
+
+        if mode == "outpaint":
+            known_ids, (top, left) = self._outpaint_tokens(image, offset)
+        else:
+            known_ids = self._encode_image(image.resize((self.resolution,) * 2, Image.BICUBIC))  # [1, h, w]
+
+        text = self.encode_text([prompt])
+        negative = self._negative_ids(negative_prompt, 1)
+        out = []
+        bar = tqdm(total=num_images, desc="images", disable=not progress)
+        for start in range(0, num_images, batch_size):
+            count = min(batch_size, num_images - start)
+            gens = self._generators(seed, range(start, start + count))
+            kwargs = dict(self._sampler_kwargs(options, negative.expand(count, -1)), generator=gens)
+            text_ids, known = text.expand(count, -1), known_ids.expand(count, -1, -1)
+            if mode == "inpaint":
+                ids = inpaint(self.model, text_ids, known, token_mask, **kwargs)
+            elif mode == "outpaint":
+                ids = outpaint(self.model, text_ids, known, top=top, left=left, **kwargs)
+            elif mode == "img2img":
+                ids = img2img(self.model, text_ids, known, strength, **kwargs)
+            else:
+                ids = continue_image(self.model, text_ids, known, keep_rows, **kwargs)
+            out.append(ids)
+            bar.update(count)
+        bar.close()
+        return torch.cat(out).view(num_images, side, side)
+
+    # ------------------------------------------------------------------ helpers
+    def _options(self, steps, guidance_scale, top_k, top_p, temperature, use_kv_cache) -> dict:
+        given = dict(steps=steps, guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, temperature=temperature)
+        options = {**self.defaults, **{k: v for k, v in given.items() if v is not None}}
+        options["use_kv_cache"] = use_kv_cache
+        return options
+
+    def _sampler_kwargs(self, options: dict, negative_ids) -> dict:
+        """The keyword arguments of the sampler this model uses (sample_autoregressive or sample_masked)."""
+        common = dict(negative_text_ids=negative_ids, guidance_scale=float(options["guidance_scale"]),
+                      temperature=float(options["temperature"]), top_k=options["top_k"])
+        if self.kind == "gpt":
+            return dict(common, top_p=options["top_p"], use_kv_cache=bool(options["use_kv_cache"]))
+        extra = {k: options[k] for k in ("choice_temperature", "schedule", "guidance_schedule") if k in options}
+        return dict(common, steps=int(options["steps"]), **extra)
+
+    def _sample(self, text_ids, negative_ids, generators, options) -> torch.Tensor:
+        kwargs = self._sampler_kwargs(options, negative_ids)
+        sampler = sample_masked if self.kind == "mim" else sample_autoregressive
+        return sampler(self.model, text_ids, generator=generators, **kwargs)
+
+    def _negative_ids(self, negative_prompt, n_prompts: int) -> torch.Tensor:
+        """Negative prompt ids [n_prompts, T]: one string for all prompts, one per prompt, or the empty prompt."""
+        if negative_prompt is None:
+            return torch.zeros(n_prompts, self.model.config.text_len, dtype=torch.long, device=self.device)
+        negatives = _as_prompt_list(negative_prompt, "negative_prompt")
+        if len(negatives) == 1:
+            negatives = negatives * n_prompts
+        if len(negatives) != n_prompts:
+            raise ValueError(f"negative_prompt: got {len(negatives)} negative prompts for {n_prompts} prompts")
+        return self.encode_text(negatives)
+
+    def _generators(self, seed: int, indices) -> list[torch.Generator]:
+        if not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        return [torch.Generator(device=self.device).manual_seed(seed + i) for i in indices]
+
+    @torch.inference_mode()
+    def _encode_image(self, image: Image.Image) -> torch.Tensor:
+        return self.vqgan.encode(from_pil(image)[None].to(self.device))  # [1, h, w]
+
+    def _token_mask(self, mask, image_size: tuple[int, int]) -> torch.Tensor:
+        """A pixel mask the size of the input image -> bool [N] token mask on the model's canvas."""
+        mask = _open_image(mask, "mask") if isinstance(mask, (str, os.PathLike)) else mask
+        pixels = pixel_mask_to_bool(mask)
+        mask_size = (pixels.shape[1], pixels.shape[0])
+        if mask_size != tuple(image_size):
+            raise ValueError(
+                f"mask size {mask_size[0]}x{mask_size[1]} does not match the image size {image_size[0]}x{image_size[1]}"
+            )
+        if mask_size != (self.resolution, self.resolution):
+            as_image = Image.fromarray(pixels.numpy().astype(np.uint8) * 255)
+            pixels = pixel_mask_to_bool(as_image.resize((self.resolution,) * 2, Image.NEAREST))
+        return pixel_mask_to_token_mask(pixels, self.vqgan.downsample_factor).to(self.device)
+
+    def _outpaint_tokens(self, image: Image.Image, offset):
+        """Fit the image into the canvas (multiples of the downsample factor) -> (ids [1, hk, wk], (top, left))."""
+        f = int(self.vqgan.downsample_factor)
+        scale = min(1.0, self.resolution / max(image.size))
+        width, height = (max(f, int(round(s * scale)) // f * f) for s in image.size)
+        if (width, height) != image.size:
+            image = image.resize((width, height), Image.BICUBIC)
+        ids = self._encode_image(image)
+        if offset is None:
+            return ids, (None, None)
+        left, top = offset
+        if left % f or top % f:
+            raise ValueError(f"offset {offset} must be a multiple of the downsample factor {f} (pixels)")
+        return ids, (top // f, left // f)

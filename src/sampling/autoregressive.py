@@ -1,0 +1,118 @@
+"""Autoregressive (GPT) decoding over image tokens, with a KV cache and classifier-free guidance in one batch.
+
+The cached path prefills [text ; prefix] once and then feeds one token per step; the uncached path re-runs the whole
+sequence each step (as taming / EasyNLP / minGPT do). Both draw their random numbers identically (one multinomial
+per row per step on the same probabilities), so they return identical ids for the same generator.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .filters import Generators, check_generators, guidance_enabled, prepare_text_pair, sample_from_logits, split_guidance
+
+
+def num_image_tokens(model) -> int:
+    """Tokens per image (image_size tokens per side, row-major)."""
+    return int(model.config.image_size) ** 2
+
+
+def _double(x: Optional[torch.Tensor], use_guidance: bool) -> Optional[torch.Tensor]:
+    """Repeat image ids for the [cond ; uncond] halves: both branches see the same image tokens."""
+    if x is None or not use_guidance:
+        return x
+    return torch.cat([x, x], dim=0)
+
+
+@torch.inference_mode()
+def sample_autoregressive(
+    model,
+    text_ids: torch.Tensor,
+    *,
+    negative_text_ids: Optional[torch.Tensor] = None,
+    guidance_scale: float = 1.0,
+    temperature: float = 1.0,
+    top_k: Optional[int] = 100,
+    top_p: Optional[float] = 1.0,
+    generator: Generators = None,
+    use_kv_cache: bool = True,
+    prefix_ids: Optional[torch.Tensor] = None,
+    init_ids: Optional[torch.Tensor] = None,
+    known_mask: Optional[torch.Tensor] = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Sample image ids [B, N] from a GPT conditioned on text_ids [B, T].
+
+    guidance_scale: 1 (or 0) runs the conditional model only; otherwise the batch is doubled to [cond ; uncond],
+    uncond being `negative_text_ids` (one row or B rows) or the empty prompt (all zeros).
+    prefix_ids [B, P]: keep these first P tokens (continue an image from its top rows).
+    init_ids [B, N] + known_mask bool [B, N] or [N]: force the known tokens wherever they occur (editing with a
+    causal model: each generated token sees the known tokens above/left of it, later known tokens are kept).
+    generator: one torch.Generator for the batch, or a list with one per row.
+    """
+    batch, device = text_ids.shape[0], text_ids.device
+    n_tokens = num_image_tokens(model)
+    check_generators(generator, batch)
+    use_guidance = guidance_enabled(guidance_scale)
+    text_in = prepare_text_pair(text_ids, negative_text_ids, use_guidance)  # [B or 2B, T]
+
+    if prefix_ids is None:
+        prefix_ids = torch.zeros(batch, 0, dtype=torch.long, device=device)
+    prefix_ids = prefix_ids.to(device=device, dtype=torch.long)
+    if prefix_ids.shape[0] != batch or prefix_ids.shape[1] > n_tokens:
+        raise ValueError(
+            f"prefix_ids must be [B={batch}, P<={n_tokens}], got shape {tuple(prefix_ids.shape)}"
+        )
+    known, forced = _forced_tokens(init_ids, known_mask, batch, n_tokens, device)
+
+    ids = prefix_ids
+    start = prefix_ids.shape[1]
+    if start == n_tokens:
+        return ids.clone()
+    steps = range(start, n_tokens)
+    if progress:
+        steps = tqdm(steps, desc="tokens", leave=False)
+
+    cache = None
+    if use_kv_cache:
+        image_prefix = _double(prefix_ids, use_guidance) if start > 0 else None
+        logits, cache = model.prefill(text_in, image_prefix=image_prefix)
+    for pos in steps:
+        if not use_kv_cache:
+            # position pos of the output predicts token pos from tokens < pos; the appended 0 is never attended to
+            placeholder = torch.zeros(ids.shape[0], 1, dtype=torch.long, device=device)
+            full_logits, _ = model(text_in, _double(torch.cat([ids, placeholder], dim=1), use_guidance))
+            logits = full_logits[:, pos]
+        guided = split_guidance(logits, guidance_scale, use_guidance)  # [B, V]
+        token, _ = sample_from_logits(guided, generator, temperature=temperature, top_k=top_k, top_p=top_p)
+        if known is not None:
+            token = torch.where(known[:, pos], forced[:, pos], token)
+        ids = torch.cat([ids, token.unsqueeze(1)], dim=1)  # [B, pos+1]
+        if use_kv_cache and pos + 1 < n_tokens:
+            logits, cache = model.decode_step(_double(token, use_guidance), pos, cache)
+    return ids
+
+
+def _forced_tokens(init_ids, known_mask, batch: int, n_tokens: int, device):
+    """Validate editing inputs: (known bool [B,N], init ids long [B,N]) or (None, None)."""
+    if init_ids is None and known_mask is None:
+        return None, None
+    if init_ids is None or known_mask is None:
+        raise ValueError("init_ids and known_mask must be given together")
+    init_ids = init_ids.reshape(init_ids.shape[0], -1).to(device=device, dtype=torch.long)
+    known_mask = known_mask.to(device=device, dtype=torch.bool)
+    if known_mask.dim() == 1:
+        known_mask = known_mask.unsqueeze(0).expand(batch, -1)
+    known_mask = known_mask.reshape(known_mask.shape[0], -1)
+    if init_ids.shape != (batch, n_tokens) or known_mask.shape != (batch, n_tokens):
+        raise ValueError(
+            f"init_ids {tuple(init_ids.shape)} and known_mask {tuple(known_mask.shape)} must both be "
+            f"[B={batch}, N={n_tokens}]"
+        )
+    return known_mask, init_ids
+
+
+__all__ = ["sample_autoregressive", "num_image_tokens"]

@@ -1,0 +1,171 @@
+"""Small pure helpers shared by the samplers: logit filtering, guidance, seeded noise and draws.
+
+Every random helper takes either one `torch.Generator` (or None) for the whole batch, or a list with one generator
+per batch row. Per-row generators make image i of a request depend only on its own seed, not on which other images
+happen to share its batch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
+
+
+def check_generators(generator: Generators, batch: int) -> None:
+    """A list of generators must hold exactly one generator per batch row."""
+    if isinstance(generator, (list, tuple)) and len(generator) != batch:
+        raise ValueError(f"generator: got a list of {len(generator)} generators for a batch of {batch} rows")
+
+
+def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
+    """Top-k, then top-p (nucleus) filtering over the last dim; filtered entries become -inf.
+
+    Top-k keeps exactly the k largest logits. Top-p then keeps the smallest prefix of the remaining ids, sorted by
+    probability, whose mass reaches top_p. The most likely id always survives.
+    """
+    vocab = logits.shape[-1]
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if top_k < vocab:
+            keep_idx = torch.topk(logits, top_k, dim=-1).indices
+            keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, keep_idx, True)
+            logits = logits.masked_fill(~keep, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = sorted_logits.float().softmax(dim=-1)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the strictly more likely ids
+        remove_sorted = mass_before >= top_p  # the set before already reaches top_p; never true for the first id
+        remove = torch.zeros_like(remove_sorted).scatter_(-1, sorted_idx, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def apply_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: uncond + scale * (cond - uncond). scale 1 returns cond."""
+    return uncond + scale * (cond - uncond)
+
+
+def guidance_enabled(scale: float) -> bool:
+    """Scales 1 (the plain conditional model) and 0 (guidance off) need no unconditional branch."""
+    if scale < 0:
+        raise ValueError(f"guidance_scale must be >= 0, got {scale}")
+    return scale not in (0.0, 1.0)
+
+
+def uniform_noise(shape: Sequence[int], generator: Generators, device=None) -> torch.Tensor:
+    """U(0,1) noise of `shape`; with a list of generators, row b of dim 0 comes from generator[b]."""
+    def draw(size, g):  # on the generator's device (a CPU generator cannot fill a CUDA tensor), then moved
+        return torch.rand(size, generator=g, device=g.device if g is not None else device).to(device)
+
+    if isinstance(generator, (list, tuple)):
+        check_generators(generator, shape[0])
+        rows = [draw(tuple(shape[1:]), g) for g in generator]
+        return torch.stack(rows) if rows else torch.empty(tuple(shape), device=device)
+    return draw(tuple(shape), generator)
+
+
+def gumbel_noise(shape: Sequence[int], generator: Generators, device=None) -> torch.Tensor:
+    """Standard Gumbel noise -log(-log(u)), u ~ U(0,1) drawn from `generator` (clamped away from 0 and 1)."""
+    u = uniform_noise(shape, generator, device=device)
+    tiny = torch.finfo(u.dtype).tiny
+    return -torch.log(-torch.log(u.clamp(tiny, 1.0 - 1e-7)))
+
+
+def multinomial_last_dim(probs: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """One draw per distribution over the last dim: probs [B, ..., V] -> ids [B, ...] (long).
+
+    With a list of generators, row b is drawn with generator[b] alone.
+    """
+    lead = probs.shape[:-1]
+    if isinstance(generator, (list, tuple)):
+        check_generators(generator, probs.shape[0])
+        draws = [torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=g) for p, g in zip(probs, generator)]
+        return torch.stack(draws).reshape(lead)
+    flat = probs.reshape(-1, probs.shape[-1])  # [(B ...), V]
+    return torch.multinomial(flat, 1, generator=generator).reshape(lead)
+
+
+def sample_from_logits(
+    logits: torch.Tensor,
+    generator: Generators,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Temperature, top-k/top-p, then one multinomial draw per row: logits [B, ..., V] -> (ids [B, ...], probs).
+
+    probs are the filtered, tempered probabilities the ids were drawn from (float32).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logits = logits.float() / temperature
+    logits = filter_logits(logits, top_k=top_k, top_p=top_p)
+    probs = logits.softmax(dim=-1)
+    return multinomial_last_dim(probs, generator), probs
+
+
+def mask_by_random_topk(
+    mask_len: torch.Tensor, confidence: torch.Tensor, temperature: float, generator: Generators
+) -> torch.Tensor:
+    """MaskGIT's re-masking rule: mask the `mask_len[b]` positions of row b with the lowest log(confidence) + tau*Gumbel.
+
+    confidence [B, N] are probabilities (+inf = never masked), mask_len long [B]. Returns bool [B, N] with exactly
+    mask_len[b] True entries in row b (ties broken by position, so the count is exact).
+    """
+    noise = gumbel_noise(confidence.shape, generator, device=confidence.device)
+    score = torch.log(confidence.float()) + temperature * noise
+    order = torch.argsort(score, dim=-1, stable=True)  # ascending: least confident first
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return rank < mask_len.unsqueeze(-1)
+
+
+def prepare_text_pair(
+    text_ids: torch.Tensor, negative_text_ids: Optional[torch.Tensor], use_guidance: bool
+) -> torch.Tensor:
+    """The text batch the model sees: [cond ; uncond] when guiding (uncond = negative prompt or all zeros), else cond."""
+    if text_ids.dim() != 2:
+        raise ValueError(f"text_ids must be long [B, text_len], got shape {tuple(text_ids.shape)}")
+    if negative_text_ids is not None:
+        if negative_text_ids.dim() == 1:
+            negative_text_ids = negative_text_ids.unsqueeze(0)
+        if negative_text_ids.shape[0] == 1 and text_ids.shape[0] > 1:
+            negative_text_ids = negative_text_ids.expand(text_ids.shape[0], -1)
+        if negative_text_ids.shape != text_ids.shape:
+            raise ValueError(
+                f"negative_text_ids shape {tuple(negative_text_ids.shape)} does not match text_ids "
+                f"shape {tuple(text_ids.shape)}"
+            )
+    if not use_guidance:
+        return text_ids
+    uncond = negative_text_ids if negative_text_ids is not None else torch.zeros_like(text_ids)
+    return torch.cat([text_ids, uncond.to(text_ids)], dim=0)  # [2B, T]
+
+
+def split_guidance(logits: torch.Tensor, scale: float, use_guidance: bool) -> torch.Tensor:
+    """Combine the [cond ; uncond] halves of a doubled batch of logits; a single batch is returned as is."""
+    if not use_guidance:
+        return logits
+    cond, uncond = logits.float().chunk(2, dim=0)
+    return apply_guidance(cond, uncond, scale)
+
+
+__all__ = [
+    "filter_logits",
+    "apply_guidance",
+    "guidance_enabled",
+    "gumbel_noise",
+    "uniform_noise",
+    "multinomial_last_dim",
+    "sample_from_logits",
+    "mask_by_random_topk",
+    "prepare_text_pair",
+    "split_guidance",
+    "check_generators",
+]

@@ -1,0 +1,142 @@
+"""Iterative masked decoding (MaskGIT) for the bidirectional masked transformer.
+
+Per step t of T (r = (t+1)/T): predict every masked position, sample a token there, confidence = p(sampled token)
+(known and already fixed tokens: +inf), keep `floor(U * gamma(r))` of them masked (U = unknown tokens at the start,
+which is N for an all-masked start), clamped to [1, unknown now - 1], 0 at the final step, choosing the least
+confident by log p + tau * Gumbel with tau = choice_temperature * (1 - r).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from .autoregressive import _double, num_image_tokens
+from .filters import (
+    Generators,
+    check_generators,
+    guidance_enabled,
+    mask_by_random_topk,
+    prepare_text_pair,
+    sample_from_logits,
+    split_guidance,
+)
+
+Schedule = Union[str, Callable[[float], float]]
+
+
+def schedule_fn(schedule: Schedule) -> Callable[[float], float]:
+    """The mask-ratio schedule gamma(r): a name from tokenpaint.transformer.schedule, or a callable r -> ratio."""
+    if callable(schedule):
+        return schedule
+    from tokenpaint.transformer.schedule import mask_ratio  # one shared schedule for training and sampling
+
+    mask_ratio(0.5, schedule)  # an unknown name fails here, before any model call
+    return lambda r: float(mask_ratio(r, schedule))
+
+
+def guidance_at(step: int, steps: int, scale: float, guidance_schedule: str) -> float:
+    """Guidance scale of step `step`: constant, or "linear" = rising from ~1 to `scale` at the last step."""
+    if guidance_schedule == "constant":
+        return scale
+    if guidance_schedule == "linear":
+        return 1.0 + (scale - 1.0) * (step + 1) / steps
+    raise ValueError(f"guidance_schedule must be 'constant' or 'linear', got {guidance_schedule!r}")
+
+
+def keep_masked_count(step: int, steps: int, n_unknown_start: torch.Tensor, n_masked_now: torch.Tensor, gamma) -> torch.Tensor:
+    """How many positions stay masked after step `step` (long [B]); 0 after the last step."""
+    if step == steps - 1:
+        return torch.zeros_like(n_masked_now)
+    ratio = gamma((step + 1) / steps)
+    target = torch.floor(n_unknown_start.double() * ratio).long()
+    keep = torch.maximum(torch.ones_like(target), torch.minimum(n_masked_now - 1, target))
+    return torch.minimum(keep, n_masked_now)  # a row with nothing left to decode keeps nothing masked
+
+
+@torch.inference_mode()
+def sample_masked(
+    model,
+    text_ids: torch.Tensor,
+    *,
+    negative_text_ids: Optional[torch.Tensor] = None,
+    steps: int = 12,
+    guidance_scale: float = 3.0,
+    guidance_schedule: str = "constant",
+    schedule: Schedule = "cosine",
+    choice_temperature: float = 4.5,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    generator: Generators = None,
+    init_ids: Optional[torch.Tensor] = None,
+    known_mask: Optional[torch.Tensor] = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Sample image ids [B, N] from a MaskedTransformer conditioned on text_ids [B, T].
+
+    init_ids [B, N] (or [B, h, w]) with known_mask bool ([N], [B, N] or [B, h, w]): the known tokens are kept
+    as they are; the others start masked and are decoded. Without them decoding starts all-masked.
+    generator: one torch.Generator for the batch, or a list with one per row.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if choice_temperature < 0:
+        raise ValueError(f"choice_temperature must be >= 0, got {choice_temperature}")
+    batch, device = text_ids.shape[0], text_ids.device
+    n_tokens = num_image_tokens(model)
+    mask_id = int(model.mask_token_id)
+    check_generators(generator, batch)
+    guidance_at(0, steps, guidance_scale, guidance_schedule)  # validates the schedule name up front
+    gamma = schedule_fn(schedule)
+    use_guidance = guidance_enabled(guidance_scale)
+    text_in = prepare_text_pair(text_ids, negative_text_ids, use_guidance)
+
+    ids = initial_ids(init_ids, known_mask, batch, n_tokens, mask_id, device)
+    n_unknown_start = (ids == mask_id).sum(dim=1)  # [B]
+    loop = tqdm(range(steps), desc="steps", leave=False) if progress else range(steps)
+    for step in loop:
+        masked = ids == mask_id  # [B, N]
+        if not masked.any():
+            break
+        logits, _ = model(text_in, _double(ids, use_guidance))  # [B or 2B, N, V]
+        scale = guidance_at(step, steps, guidance_scale, guidance_schedule)
+        guided = split_guidance(logits, scale, use_guidance)  # [B, N, V]
+        sampled, probs = sample_from_logits(guided, generator, temperature=temperature, top_k=top_k)
+        sampled = torch.where(masked, sampled, ids)
+        confidence = probs.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)  # p(sampled token) [B, N]
+        confidence = torch.where(masked, confidence, torch.full_like(confidence, math.inf))
+        keep = keep_masked_count(step, steps, n_unknown_start, masked.sum(dim=1), gamma)
+        tau = choice_temperature * (1.0 - (step + 1) / steps)
+        remask = mask_by_random_topk(keep, confidence, tau, generator)
+        ids = torch.where(remask, torch.full_like(sampled, mask_id), sampled)
+    return ids
+
+
+def initial_ids(init_ids, known_mask, batch: int, n_tokens: int, mask_id: int, device) -> torch.Tensor:
+    """All-masked ids, or init_ids with every unknown position set to mask_id (long [B, N])."""
+    if init_ids is None and known_mask is None:
+        return torch.full((batch, n_tokens), mask_id, dtype=torch.long, device=device)
+    if init_ids is None or known_mask is None:
+        raise ValueError("init_ids and known_mask must be given together")
+    init_ids = init_ids.to(device=device, dtype=torch.long).reshape(init_ids.shape[0], -1)
+    known_mask = known_mask.to(device=device, dtype=torch.bool)
+    known_mask = known_mask.reshape(1, -1) if known_mask.dim() == 1 else known_mask.reshape(known_mask.shape[0], -1)
+    known_mask = known_mask.expand(batch, -1) if known_mask.shape[0] == 1 else known_mask
+    if init_ids.shape != (batch, n_tokens) or known_mask.shape != (batch, n_tokens):
+        raise ValueError(
+            f"init_ids {tuple(init_ids.shape)} and known_mask {tuple(known_mask.shape)} must both be "
+            f"[B={batch}, N={n_tokens}]"
+        )
+    known_vals = init_ids[known_mask]
+    if known_vals.numel() and (known_vals.min() < 0 or known_vals.max() >= mask_id):
+        raise ValueError(
+            f"init_ids: known tokens must be image ids in [0, {mask_id}), got values in "
+            f"[{known_vals.min().item()}, {known_vals.max().item()}]"
+        )
+    return torch.where(known_mask, init_ids, torch.full_like(init_ids, mask_id))
+
+
+__all__ = ["sample_masked", "schedule_fn", "guidance_at", "keep_masked_count", "initial_ids"]

@@ -1,0 +1,536 @@
+"""Training infrastructure shared by the VQGAN and transformer stages.
+
+Options and YAML configs, atomic checkpoints (weights-only loadable), RNG capture, metrics, graceful stop, time
+budget, NaN guard, LR schedule, distributed setup, weight EMA and an exactly-resumable batch iterator.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shlex
+import signal
+import sys
+import time
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Iterator, NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+# ----------------------------------------------------------------------------- options
+
+
+@dataclass
+class TrainOptions:
+    """The command-line flags of `train.py` (both subcommands). None = take the value from the YAML config."""
+
+    stage: str  # "vqgan" | "transformer"
+    data: str
+    config: str | None
+    out: str
+    val: str | None = None
+    max_steps: int | None = None
+    max_minutes: float | None = None
+    batch_size: int | None = None
+    seed: int | None = None  # None: train.seed from the config (default 0)
+    resume: bool = False
+    bad_rows: str = "error"
+    vqgan_dir: str | None = None  # transformer: --vqgan
+    tokenizer: str | None = None  # transformer: --tokenizer
+    init_from: str | None = None  # transformer: --init-from
+    argv: list[str] = field(default_factory=list)  # the command line, to print the exact resume command
+
+    def __post_init__(self):
+        if self.bad_rows not in ("error", "skip"):
+            raise ValueError(f"--bad-rows must be 'error' or 'skip', got {self.bad_rows!r}")
+        for name in ("max_steps", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"--max-minutes must be positive, got {self.max_minutes}")
+
+
+def resume_command(opts: TrainOptions) -> str:
+    """The exact command that continues this run."""
+    argv = list(opts.argv) or ["train.py", opts.stage, "--data", opts.data, "--out", opts.out]
+    if "--resume" not in argv:
+        argv.append("--resume")
+    return " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable) or "python", *argv])
+
+
+# ----------------------------------------------------------------------------- YAML configs
+
+
+def _key_line(path: str, section: str | None, key: str) -> int | None:
+    """1-based line of `key` (inside `section`) in a YAML file, for error messages."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            node = yaml.compose(f)
+    except Exception:
+        return None
+    if section is not None and isinstance(node, yaml.MappingNode):
+        node = next((v for k, v in node.value if k.value == section), None)
+    if isinstance(node, yaml.MappingNode):
+        for k, _ in node.value:
+            if k.value == key:
+                return k.start_mark.line + 1
+    return None
+
+
+def _allowed_keys(spec: Any) -> set[str] | None:
+    if spec is None:
+        return None  # free-form section
+    if is_dataclass(spec):
+        return {f.name for f in fields(spec)}
+    return set(spec)
+
+
+def load_config(path: str, schema: dict[str, Any]) -> dict[str, dict]:
+    """Read a YAML config of sections. `schema` maps section -> dict of defaults | dataclass type | None (free).
+
+    Dict sections are merged over their defaults. Unknown sections or keys raise ValueError naming the file, line
+    and key, so a typo never silently falls back to a default.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: invalid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of sections ({', '.join(schema)}), got {type(raw).__name__}")
+    out: dict[str, dict] = {}
+    for section, body in raw.items():
+        if section not in schema:
+            line = _key_line(path, None, section)
+            raise ValueError(f"{path}{f', line {line}' if line else ''}: unknown section {section!r} "
+                             f"(expected one of {sorted(schema)})")
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            raise ValueError(f"{path}: section {section!r} must be a mapping, got {type(body).__name__}")
+        allowed = _allowed_keys(schema[section])
+        for key in body:
+            if allowed is not None and key not in allowed:
+                line = _key_line(path, section, key)
+                raise ValueError(f"{path}{f', line {line}' if line else ''}: unknown key {key!r} in section "
+                                 f"{section!r} (allowed: {', '.join(sorted(allowed))})")
+    for section, spec in schema.items():
+        body = dict(raw.get(section) or {})
+        out[section] = {**spec, **body} if isinstance(spec, dict) else body
+    return out
+
+
+def save_yaml(path: str, data: dict) -> None:
+    atomic_write_bytes(path, yaml.safe_dump(_plain(data), sort_keys=False, allow_unicode=True).encode("utf-8"))
+
+
+def _plain(obj: Any) -> Any:
+    """Tuples -> lists so that configs survive YAML/JSON and weights-only checkpoints alike."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------- atomic files and checkpoints
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+class CheckpointManager:
+    """`DIR/step_XXXXXXXX.pt` files written atomically (temp file, fsync, os.replace); keeps the last `keep_last`.
+
+    Only complete files named exactly `step_<8 digits>.pt` count, so a temp file left by a killed write is never
+    `latest()`. Loading uses `torch.load(weights_only=True)`: a checkpoint that needs code to unpickle is refused.
+    """
+
+    PATTERN = re.compile(r"^step_(\d{8})\.pt$")
+
+    def __init__(self, directory: str, keep_last: int = 3):
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.directory = directory
+        self.keep_last = keep_last
+
+    def path_for(self, step: int) -> str:
+        return os.path.join(self.directory, f"step_{step:08d}.pt")
+
+    def list(self) -> list[tuple[int, str]]:
+        if not os.path.isdir(self.directory):
+            return []
+        found = []
+        for name in os.listdir(self.directory):
+            m = self.PATTERN.match(name)
+            if m:
+                found.append((int(m.group(1)), os.path.join(self.directory, name)))
+        return sorted(found)
+
+    def latest(self) -> str | None:
+        found = self.list()
+        return found[-1][1] if found else None
+
+    def save(self, state: dict, step: int) -> str:
+        os.makedirs(self.directory, exist_ok=True)
+        path = self.path_for(step)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(self.directory)
+        for _, old in self.list()[: -self.keep_last]:
+            os.remove(old)
+        return path
+
+    @staticmethod
+    def load(path: str) -> dict:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"refusing to load checkpoint {path}: it is not a weights-only file "
+                             f"(tensors and plain values); nothing in it was executed. Reason: {e}") from e
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError(f"checkpoint {path} is not a training checkpoint (no 'step' entry)")
+        return state
+
+
+# ----------------------------------------------------------------------------- RNG, seeds
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_rng() -> dict:
+    """All global RNG states as tensors and plain values (weights_only-safe)."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
+        "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+class DistInfo(NamedTuple):
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def setup_distributed() -> DistInfo:
+    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on GPU); else a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return DistInfo(0, 1, 0, device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    return DistInfo(rank, world_size, local_rank, device)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_main() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def all_reduce_max_flag(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is True on any rank (so all ranks stop at the same step)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+# ----------------------------------------------------------------------------- loop helpers
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def check_finite(loss: torch.Tensor, step: int, last_checkpoint: str | None = None) -> None:
+    """Raise before the optimizer step if the loss is NaN/inf, so weights and checkpoints stay good."""
+    if not torch.isfinite(loss.detach()).all():
+        kept = (f"the last good checkpoint {last_checkpoint} is intact; lower the learning rate or check the "
+                f"data, then continue with --resume") if last_checkpoint else "no checkpoint had been written yet"
+        raise NonFiniteLossError(f"non-finite loss ({loss.detach().float().item()}) at step {step}; "
+                                 f"training stopped, nothing was saved for this step; {kept}")
+
+
+def cosine_lr(step: int, warmup: int, max_steps: int, lr: float, min_lr: float = 0.0) -> float:
+    """Linear warmup over `warmup` steps to `lr`, then half-cosine decay to `min_lr` at `max_steps`."""
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup) / max(1, max_steps - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+class GracefulStop:
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits 0. A second signal aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:  # second signal: the user really wants out
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        if is_main():
+            print(f"\n{self.signal_name} received: finishing the current step, then saving a checkpoint "
+                  f"(send it again to abort without saving)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+        return False
+
+
+class TimeBudget:
+    def __init__(self, max_minutes: float | None):
+        self.deadline = None if max_minutes is None else time.monotonic() + 60.0 * max_minutes
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+
+class MetricsLogger:
+    """Appends one JSON object per line to DIR/metrics.jsonl (rank 0 only), flushed per line.
+
+    On resume from step S, lines logged after S by the interrupted run are dropped so the file stays one history.
+    """
+
+    def __init__(self, directory: str, resume_step: int | None = None):
+        self.path = os.path.join(directory, "metrics.jsonl")
+        self.enabled = is_main()
+        self._file = None
+        if not self.enabled:
+            return
+        os.makedirs(directory, exist_ok=True)
+        if resume_step is not None and os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                kept = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            atomic_write_bytes(self.path, "".join(kept).encode("utf-8"))
+        elif resume_step is None and os.path.exists(self.path):
+            os.remove(self.path)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def log(self, step: int, **values: Any) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step)}
+        for k, v in values.items():
+            if isinstance(v, torch.Tensor):
+                v = v.detach().float().item()
+            record[k] = v
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def progress_bar(total: int, initial: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not is_main(), dynamic_ncols=True,
+                unit="step", file=sys.stderr, mininterval=1.0)
+
+
+# ----------------------------------------------------------------------------- EMA
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point parameters and buffers (float32 shadow copies)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                self.shadow[k].lerp_(v.detach().float(), 1.0 - self.decay)
+            else:
+                self.shadow[k].copy_(v)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": dict(self.shadow)}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = set(self.shadow) ^ set(state["shadow"])
+        if missing:
+            raise ValueError(f"EMA state does not match the model: differing keys {sorted(missing)}")
+        self.decay = state["decay"]
+        self.shadow = {k: v.clone() for k, v in state["shadow"].items()}
+
+    def copy_to(self, model: torch.nn.Module) -> None:
+        own = model.state_dict()
+        model.load_state_dict({k: v.to(own[k].dtype) for k, v in self.shadow.items()})
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class ResumableBatches:
+    """Endless batches from an IterableDataset, epoch after epoch, resumable mid-epoch exactly.
+
+    Epoch e calls `dataset.set_epoch(e)` (reseeding its shuffle) and builds a DataLoader whose worker seeds come from
+    its own generator (seed, epoch), not the global RNG. The position is (epoch, batches consumed in the epoch);
+    resuming replays the epoch's order and skips the consumed batches. Partial final batches are dropped.
+    """
+
+    def __init__(self, dataset, batch_size: int, num_workers: int = 0, seed: int = 0, name: str = "data"):
+        self.dataset, self.batch_size, self.num_workers, self.seed, self.name = (
+            dataset, batch_size, num_workers, seed, name)
+        self.epoch = 0
+        self.batches_in_epoch = 0
+        self.bad_rows_before_epoch = 0
+        self._dataset_count_at_epoch_start = 0
+        self._iter: Iterator | None = None
+        self._to_skip = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
+                "samples_in_epoch": self.batches_in_epoch * self.batch_size,
+                "batch_size": self.batch_size, "bad_rows_before_epoch": self.bad_rows_before_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["batch_size"] != self.batch_size:
+            raise ValueError(f"cannot resume {self.name} with batch size {self.batch_size}: the checkpoint was "
+                             f"written with batch size {state['batch_size']}")
+        self.epoch, self.batches_in_epoch = state["epoch"], state["batches_in_epoch"]
+        self.bad_rows_before_epoch = state["bad_rows_before_epoch"]
+        self._iter, self._to_skip = None, self.batches_in_epoch
+
+    def _dataset_count(self) -> int:
+        # The dataset's counter is cumulative and shared with its workers (tokenpaint.data.TSVImageText).
+        return int(getattr(self.dataset, "bad_rows_skipped", 0))
+
+    @property
+    def bad_rows_skipped(self) -> int:
+        """Bad rows skipped over the whole run (replayed rows after a resume are not counted twice)."""
+        if self._iter is None:
+            return self.bad_rows_before_epoch
+        return self.bad_rows_before_epoch + self._dataset_count() - self._dataset_count_at_epoch_start
+
+    def _start_epoch(self) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.epoch)
+        self._dataset_count_at_epoch_start = self._dataset_count()
+        generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size,
+            num_workers=self.num_workers, drop_last=True, generator=generator,
+            persistent_workers=False)
+        self._iter = iter(loader)
+        for i in range(self._to_skip):  # replay the consumed part of the epoch (same order: same seed/epoch)
+            if next(self._iter, None) is None:
+                raise ValueError(f"cannot resume {self.name}: the epoch now has {i} batches, the checkpoint had "
+                                 f"consumed {self._to_skip} (did the data file change?)")
+        self._to_skip = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        for attempt in range(2):
+            if self._iter is None:
+                self._start_epoch()
+            batch = next(self._iter, None)
+            if batch is not None:
+                self.batches_in_epoch += 1
+                return batch
+            if self.batches_in_epoch == 0:
+                raise ValueError(f"{self.name} yields fewer than one batch of {self.batch_size} samples per "
+                                 f"process: lower --batch-size or add data")
+            self.bad_rows_before_epoch = self.bad_rows_skipped
+            self.epoch, self.batches_in_epoch, self._iter = self.epoch + 1, 0, None
+        raise ValueError(f"{self.name} yields no batches")  # pragma: no cover - guarded above

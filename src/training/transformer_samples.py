@@ -1,0 +1,79 @@
+"""Evaluation during transformer training: validation loss over the val token cache, and sample grids.
+
+Both use their own seeded generators, never the global RNG, so they do not change the training run they watch.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from einops import rearrange
+from PIL import Image
+
+from ..sampling import sample_autoregressive, sample_masked
+from .common import is_distributed
+from .transformer_data import corrupt, summed_cross_entropy
+
+
+@torch.no_grad()
+def validation_loss(model, cache, batch_size: int, max_batches: int, label_smoothing: float, mask_schedule: str,
+                    seed: int, device, autocast) -> float:
+    """Mean CE over the first `max_batches` x `batch_size` x ranks rows of the val cache (rank-strided shards), with
+    no condition dropout and, for "mim", masks from a fixed generator: the same rows and masks at every evaluation."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+    kind = model.config.kind
+    mask_id = model.mask_token_id if kind == "mim" else None
+    rows = torch.arange(min(len(cache), max_batches * batch_size * world))[rank::world]
+    generator = torch.Generator().manual_seed(seed + 7919 * (rank + 1))
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # CE sum, counted positions
+    was_training = model.training
+    model.eval()
+    for chunk in rows.split(batch_size):
+        idx = chunk.numpy()
+        text = torch.from_numpy(cache.text_ids[idx].astype("int64"))
+        image = torch.from_numpy(cache.image_ids[idx].astype("int64"))
+        batch = corrupt(kind, text, image, generator, 0.0, mask_schedule, mask_id)
+        with autocast():
+            logits, _ = model(batch.text_ids.to(device), batch.image_ids.to(device))
+        targets = batch.targets.to(device)
+        totals += torch.stack([summed_cross_entropy(logits, targets, label_smoothing).double(),
+                               (targets != -100).sum().double()])
+    model.train(was_training)
+    if is_distributed():
+        dist.all_reduce(totals)
+    return float(totals[0] / totals[1].clamp_min(1))
+
+
+@torch.no_grad()
+def sample_grid(model, vqgan, cache, num_images: int, sample_cfg: dict, seed: int, path: str) -> str:
+    """Generate images for the first `num_images` captions of `cache` and save a grid: the cached reference images
+    (VQGAN reconstructions) on top, the samples below. The captions go to `samples/captions.txt`."""
+    n = min(num_images, len(cache))
+    device = model.device
+    text = torch.from_numpy(cache.text_ids[:n].astype("int64")).to(device)
+    reference = torch.from_numpy(cache.image_ids[:n].astype("int64")).to(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    common = dict(guidance_scale=sample_cfg["guidance_scale"], temperature=sample_cfg["temperature"],
+                  top_k=sample_cfg["top_k"], generator=generator)
+    if model.config.kind == "mim":
+        ids = sample_masked(model, text, steps=sample_cfg["steps"], schedule=sample_cfg["schedule"],
+                            choice_temperature=sample_cfg["choice_temperature"],
+                            guidance_schedule=sample_cfg["guidance_schedule"], **common)
+    else:
+        ids = sample_autoregressive(model, text, top_p=sample_cfg["top_p"], **common)
+    model.train(was_training)
+    side = model.config.image_size
+    grid_ids = rearrange(torch.cat([reference, ids]), "b (h w) -> b h w", h=side, w=side)
+    images = vqgan.decode(grid_ids).float().clamp(-1, 1)  # [2n,3,H,W]
+    grid = rearrange(images, "(r b) c h w -> (r h) (b w) c", r=2)  # references above, samples below
+    pixels = ((grid + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(pixels, "RGB").save(path)
+    captions_path = os.path.join(os.path.dirname(path), "captions.txt")
+    if not os.path.exists(captions_path):
+        with open(captions_path, "w", encoding="utf-8") as f:
+            f.writelines(f"{row['text']}\n" for row in cache.captions()[:n])
+    return path

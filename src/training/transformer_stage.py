@@ -1,0 +1,322 @@
+"""Transformer training stage: a text-conditioned GPT or masked transformer over a trained VQGAN's image ids.
+
+The VQGAN runs once per image (token cache in OUT/cache/), never per step. AdamW with warmup + cosine decay, gradient
+clipping and accumulation, optional bf16 autocast, condition dropout, the shared masking schedule for "mim", exact
+resume, graceful stop, time budget and DDP (global batch = ranks x batch_size x grad_accum, see transformer_data).
+
+Run directory: config.json (with "kind") + model.safetensors, tokenizer.model, vqgan/, train_config.yaml,
+metrics.jsonl, checkpoints/step_XXXXXXXX.pt, samples/sample_XXXXXXXX.png, cache/.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import sys
+import time
+from dataclasses import fields
+
+import torch
+import torch.distributed as dist
+
+from ..data import TextTokenizer, TokenCache, build_token_cache, iter_rows
+from ..data.cache import state_dict_hash, tokenizer_hash
+from ..transformer import (GPT, SAMPLE_DEFAULTS, TRAIN_DEFAULTS, GPTConfig, MaskedTransformer, MaskedTransformerConfig,
+                           load_generator, mask_ratio, model_config_from_yaml)
+from ..transformer.io import check_state_dict
+from ..transformer.presets import TOKENIZER_DEFAULTS
+from ..vqgan import VQGAN
+from .common import (CheckpointManager, GracefulStop, MetricsLogger, TimeBudget, TrainOptions, all_reduce_max_flag,
+                     capture_rng, check_finite, cleanup_distributed, cosine_lr, is_distributed, is_main, load_config,
+                     progress_bar, restore_rng, resume_command, save_yaml, set_seed, setup_distributed)
+from .transformer_data import GlobalBatches, corrupt, rank_rows, summed_cross_entropy
+from .transformer_samples import sample_grid, validation_loss
+
+MODEL_KEYS = {"kind", "preset"} | {f.name for cls in (GPTConfig, MaskedTransformerConfig) for f in fields(cls)}
+# Keys this stage adds to tokenpaint.transformer.TRAIN_DEFAULTS (None = derived).
+STAGE_TRAIN_DEFAULTS = dict(seed=0, decay_steps=None, val_batches=8, sample_images=4, cache_batch_size=64)
+SAMPLE_SCHEMA = dict(SAMPLE_DEFAULTS, choice_temperature=4.5, schedule="cosine", guidance_schedule="constant")
+SCHEMA = {"model": MODEL_KEYS, "tokenizer": dict(TOKENIZER_DEFAULTS), "train": {**TRAIN_DEFAULTS, **STAGE_TRAIN_DEFAULTS},
+          "sample": SAMPLE_SCHEMA, "data": dict(resolution=None, shuffle=True)}
+MODEL_CLASSES = {"gpt": GPT, "mim": MaskedTransformer}
+
+
+def resolve_config(opts: TrainOptions) -> dict:
+    """The YAML config (unknown sections/keys name the file and line) with the command line's overrides applied."""
+    cfg = load_config(opts.config, SCHEMA)
+    train = cfg["train"]
+    for key, value in (("batch_size", opts.batch_size), ("max_steps", opts.max_steps), ("seed", opts.seed)):
+        if value is not None:
+            train[key] = value
+    for key in ("batch_size", "grad_accum", "max_steps", "log_every", "val_every", "sample_every", "ckpt_every",
+                "keep_checkpoints", "val_batches"):
+        if not isinstance(train[key], int) or train[key] < 1:
+            raise ValueError(f"{opts.config}: train.{key} must be an integer >= 1, got {train[key]!r}")
+    try:
+        mask_ratio(0.5, train["mask_schedule"])
+    except ValueError as e:
+        raise ValueError(f"{opts.config}: train.mask_schedule: {e}") from None
+    return cfg
+
+
+def train_transformer(opts: TrainOptions) -> dict:
+    """Train (or resume) a generator; returns a summary (steps, stop reason, losses, cache reuse, bad rows)."""
+    info = setup_distributed()
+    we_started_dist = is_distributed()
+    try:
+        return _train(opts, info)
+    finally:
+        if we_started_dist:
+            cleanup_distributed()
+
+
+def _barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def _rank0_first(fn):
+    """Run fn on rank 0, then on the other ranks (which then reuse what rank 0 wrote: tokenizer, token cache)."""
+    result = fn() if is_main() else None
+    _barrier()
+    if not is_main():
+        result = fn()
+    return result
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def _load_vqgan_and_tokenizer(opts: TrainOptions, cfg: dict) -> tuple[VQGAN, TextTokenizer]:
+    """--vqgan / --tokenizer, or those of --init-from (which must match if both are given), else train the tokenizer."""
+    init = opts.init_from
+    if init is not None:
+        for needed in ("config.json", "model.safetensors", "tokenizer.model", "vqgan"):
+            if not os.path.exists(os.path.join(init, needed)):
+                raise FileNotFoundError(f"--init-from {init}: no {needed} there (expected a `train.py transformer` "
+                                        f"run directory)")
+    if opts.vqgan_dir is None and init is None:
+        raise ValueError("--vqgan VQ_DIR is required (unless --resume or --init-from)")
+    vqgan = VQGAN.from_pretrained(opts.vqgan_dir or os.path.join(init, "vqgan"))
+    if init is not None and opts.vqgan_dir is not None:
+        if state_dict_hash(vqgan) != state_dict_hash(VQGAN.from_pretrained(os.path.join(init, "vqgan"))):
+            raise ValueError(f"--vqgan {opts.vqgan_dir} is not the VQGAN that --init-from {init} was trained with "
+                             f"({os.path.join(init, 'vqgan')}): its image ids would mean other things; "
+                             f"leave out --vqgan to use the run's own")
+    if opts.tokenizer is not None:
+        tokenizer = TextTokenizer(opts.tokenizer)
+        if init is not None and tokenizer_hash(tokenizer) != tokenizer_hash(
+                TextTokenizer(os.path.join(init, "tokenizer.model"))):
+            raise ValueError(f"--tokenizer {opts.tokenizer} differs from the tokenizer of --init-from {init} "
+                             f"({os.path.join(init, 'tokenizer.model')}); leave out --tokenizer to use the run's own")
+    elif init is not None:
+        tokenizer = TextTokenizer(os.path.join(init, "tokenizer.model"))
+    else:
+        def train_tokenizer():
+            if not is_main():
+                return TextTokenizer(os.path.join(opts.out, "tokenizer.model"))
+            captions = (row.text for row in iter_rows(opts.data, bad_rows=opts.bad_rows))  # streamed, no images
+            print(f"training a SentencePiece tokenizer (vocab {cfg['tokenizer']['vocab_size']}) on {opts.data}",
+                  file=sys.stderr)
+            trained = TextTokenizer.train(captions, os.path.join(opts.out, "cache", "spm", "tokenizer"),
+                                          vocab_size=cfg["tokenizer"]["vocab_size"])
+            return TextTokenizer(trained.save(opts.out))
+        return vqgan, _rank0_first(train_tokenizer)
+    if is_main():
+        tokenizer.save(opts.out)
+    return vqgan, tokenizer
+
+
+def _init_weights_from(model, init_dir: str) -> None:
+    source = load_generator(init_dir)
+    if source.config.kind != model.config.kind:
+        raise ValueError(f"--init-from {init_dir} holds a {source.config.kind!r} model, the config asks for "
+                         f"{model.config.kind!r}")
+    state = source.state_dict()
+    check_state_dict(model, state, source=f"--init-from {init_dir}")  # names missing/unexpected/mismatched keys
+    model.load_state_dict(state)
+
+
+def _token_caches(opts, vqgan, tokenizer, resolution, text_len, batch_size, image_size):
+    caches = {}
+    for name, tsv in (("train", opts.data), ("val", opts.val)):
+        if tsv is None:
+            continue
+        cache = _rank0_first(lambda: build_token_cache(
+            tsv, vqgan, tokenizer, os.path.join(opts.out, "cache", name), resolution, text_len=text_len,
+            batch_size=batch_size, bad_rows=opts.bad_rows, progress=is_main()))
+        if tuple(cache.image_grid) != (image_size, image_size):
+            raise ValueError(f"token cache of {tsv} holds {cache.image_grid} ids per image, the model expects "
+                             f"{image_size}x{image_size} (data.resolution / VQGAN downsample factor)")
+        caches[name] = cache
+    return caches
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _train(opts: TrainOptions, info) -> dict:
+    device, rank, world = info.device, info.rank, info.world_size
+    ckpts = CheckpointManager(os.path.join(opts.out, "checkpoints"))
+    resume_state = None
+    if opts.resume:
+        latest = ckpts.latest()
+        if latest is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {ckpts.directory} to resume from")
+        resume_state = CheckpointManager.load(latest)
+        cfg = copy.deepcopy(resume_state["config"])
+        if opts.max_steps is not None:
+            cfg["train"]["max_steps"] = opts.max_steps
+        if opts.batch_size is not None and opts.batch_size != cfg["train"]["batch_size"]:
+            raise ValueError(f"--batch-size {opts.batch_size} differs from the run being resumed "
+                             f"({cfg['train']['batch_size']}); resume with the same batch size")
+        vqgan = VQGAN.from_pretrained(os.path.join(opts.out, "vqgan"))
+        tokenizer = TextTokenizer(os.path.join(opts.out, "tokenizer.model"))
+        model_config = MODEL_CLASSES[cfg["model"]["kind"]].config_class.from_dict(cfg["model"], source=latest)
+    else:
+        if opts.config is None:
+            raise ValueError("--config is required (unless --resume)")
+        if ckpts.latest() is not None:
+            raise ValueError(f"{opts.out} already holds a run ({ckpts.latest()}); pass --resume to continue it "
+                             f"or choose another --out")
+        cfg = resolve_config(opts)
+        os.makedirs(opts.out, exist_ok=True)
+        vqgan, tokenizer = _load_vqgan_and_tokenizer(opts, cfg)
+        resolution = cfg["data"]["resolution"] or vqgan.config.resolution
+        if resolution % vqgan.downsample_factor:
+            raise ValueError(f"{opts.config}: data.resolution {resolution} is not a multiple of the VQGAN's "
+                             f"downsample factor {vqgan.downsample_factor}")
+        cfg["data"]["resolution"] = resolution
+        model_config = model_config_from_yaml(
+            {**cfg, "source": opts.config}, text_vocab_size=tokenizer.vocab_size,
+            codebook_size=vqgan.codebook_size, image_size=resolution // vqgan.downsample_factor)
+        cfg["model"] = {"kind": model_config.kind, **model_config.to_dict()}  # resolved: what resume rebuilds
+        if is_main():
+            vqgan.save_pretrained(os.path.join(opts.out, "vqgan"))
+            save_yaml(os.path.join(opts.out, "train_config.yaml"), cfg)
+    tcfg, scfg = cfg["train"], cfg["sample"]
+    ckpts.keep_last = tcfg["keep_checkpoints"]
+    seed, kind = tcfg["seed"], model_config.kind
+    vqgan = vqgan.to(device).prepare_for_inference()
+
+    caches = _token_caches(opts, vqgan, tokenizer, cfg["data"]["resolution"], model_config.text_len,
+                           tcfg["cache_batch_size"], model_config.image_size)
+    global_batch = world * tcfg["batch_size"]
+    batches = GlobalBatches(caches["train"], global_batch, seed, cfg["data"]["shuffle"], name=opts.data)
+
+    set_seed(seed)
+    model = MODEL_CLASSES[kind](model_config).to(device)
+    if opts.init_from is not None and resume_state is None:
+        _init_weights_from(model, opts.init_from)
+    optimizer = model.configure_optimizers(tcfg["weight_decay"], tcfg["lr"], tuple(tcfg["betas"]), device.type)
+    corruption = torch.Generator().manual_seed(seed + 1)  # condition dropout and masks, shared by all ranks
+    step = 0
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        batches.load_state_dict(resume_state["data"])
+        corruption.set_state(resume_state["corruption_rng"])
+        restore_rng(resume_state["rng"])
+        step = resume_state["step"]
+    ddp_model = model
+    if is_distributed():
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    label_smoothing = getattr(model_config, "label_smoothing", 0.0) if kind == "mim" else 0.0
+    mask_id = model.mask_token_id if kind == "mim" else None
+    max_steps, accum = tcfg["max_steps"], tcfg["grad_accum"]
+    decay_steps = tcfg["decay_steps"] or max_steps
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(tcfg["bf16"]))  # noqa: E731
+    metrics = MetricsLogger(opts.out, resume_step=step if resume_state is not None else None)
+    last_ckpt, budget = ckpts.latest(), TimeBudget(opts.max_minutes)
+    stop_reason, last_val, losses = "max_steps", None, []
+    bar = progress_bar(max_steps, step, f"{kind}{' x%d' % world if world > 1 else ''}")
+    window = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.monotonic()}
+    sample_rows = caches.get("val", caches["train"])
+
+    def save_checkpoint() -> str:
+        state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "data": batches.state_dict(), "corruption_rng": corruption.get_state(), "rng": capture_rng(),
+                 "config": cfg, "world_size": world}
+        return ckpts.save(state, step) if is_main() else ckpts.path_for(step)
+
+    def validate() -> float:
+        loss = validation_loss(model, caches["val"], tcfg["batch_size"], tcfg["val_batches"], label_smoothing,
+                               tcfg["mask_schedule"], seed, device, autocast)
+        metrics.log(step, val_loss=loss)
+        return loss
+
+    with GracefulStop() as stop:
+        while step < max_steps:
+            lr = cosine_lr(step, tcfg["warmup_steps"], decay_steps, tcfg["lr"], tcfg["min_lr"])
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro = [corrupt(kind, *next(batches), corruption, model_config.cond_dropout, tcfg["mask_schedule"],
+                             mask_id) for _ in range(accum)]  # global micro-batches, identical on every rank
+            counted = sum(int((m.targets != -100).sum()) for m in micro)  # loss positions in the global step
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for i, batch in enumerate(micro):
+                text, image, targets = (t.to(device) for t in rank_rows(batch, rank, world))
+                sync = ddp_model.no_sync if (i < accum - 1 and ddp_model is not model) else contextlib.nullcontext
+                with sync():
+                    with autocast():
+                        logits, _ = ddp_model(text, image)  # [B,N,codebook_size]
+                    ce_sum = summed_cross_entropy(logits, targets, label_smoothing)
+                    global_sum = ce_sum.detach().clone()
+                    if is_distributed():  # every rank sees the same value, so all stop together on NaN
+                        dist.all_reduce(global_sum)
+                    check_finite(global_sum, step + 1, last_ckpt)
+                    # DDP averages gradients over ranks: x world turns that back into the sum over the global batch
+                    (ce_sum * (world / counted)).backward()
+                step_loss += float(global_sum) / counted
+            grad_norm = None
+            if tcfg["grad_clip"]:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg["grad_clip"]))
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            losses.append(step_loss)
+            window["loss"] += step_loss
+            window["steps"] += 1
+            window["tokens"] += global_batch * accum * model_config.num_image_tokens
+
+            if step == 1 or step % tcfg["log_every"] == 0 or step == max_steps:
+                now = time.monotonic()
+                record = dict(loss=window["loss"] / window["steps"], lr=lr,
+                              tokens_per_sec=window["tokens"] / max(1e-9, now - window["t0"]))
+                if grad_norm is not None:
+                    record["grad_norm"] = grad_norm
+                metrics.log(step, **record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_sec']:.0f}")
+                window = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": now}
+            stopping = all_reduce_max_flag(stop.requested or budget.expired(), device) and step < max_steps
+            last = stopping or step == max_steps  # the final model always gets a val loss and a sample grid
+            if "val" in caches and (step % tcfg["val_every"] == 0 or last):
+                last_val = validate()
+            if is_main() and (step % tcfg["sample_every"] == 0 or last):
+                sample_grid(model, vqgan, sample_rows, tcfg["sample_images"], scfg, seed,
+                            os.path.join(opts.out, "samples", f"sample_{step:08d}.png"))
+            if step % tcfg["ckpt_every"] == 0 and not last:
+                last_ckpt = save_checkpoint()
+            if stopping:
+                stop_reason = stop.signal_name or "time budget"
+                break
+        bar.close()
+        last_ckpt = save_checkpoint()
+        if is_main():
+            model.save_pretrained(opts.out)
+    metrics.close()
+
+    bad = caches["train"].meta.get("bad_rows_skipped", 0)
+    if is_main():
+        print(f"saved {opts.out} (step {step}); checkpoint: {last_ckpt}", file=sys.stderr)
+        if stop_reason != "max_steps":
+            print(f"stopped at step {step}/{max_steps} ({stop_reason}); checkpoint: {last_ckpt}\n"
+                  f"resume with: {resume_command(opts)}", file=sys.stderr, flush=True)
+        if opts.bad_rows == "skip":
+            print(f"bad rows skipped: {bad} ({opts.data})", file=sys.stderr)
+    return {"step": step, "max_steps": max_steps, "stopped": stop_reason, "checkpoint": last_ckpt, "kind": kind,
+            "losses": losses, "val_loss": last_val, "cache_reused": {k: c.reused for k, c in caches.items()},
+            "bad_rows_skipped": bad, "out": opts.out}

@@ -1,0 +1,119 @@
+"""What the GPT and the masked transformer share: embeddings, trunk, head, checks, optimiser groups, I/O."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+
+from .config import GeneratorConfig
+from .io import CONFIG_NAME, WEIGHTS_NAME, PathLike, load_state_dict_strict, read_generator_config, save_generator
+from .layers import Block, LayerNorm, TextImageEmbedding, init_weights
+
+
+class TokenTransformer(nn.Module):
+    """A transformer over [text ids ; image ids] with a head over the `codebook_size` image classes."""
+
+    config_class = GeneratorConfig
+
+    def __init__(self, config: GeneratorConfig):
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+        c = config
+        self.embed = TextImageEmbedding(c.text_vocab_size, c.text_len, c.image_vocab_size, c.image_size, c.n_embd)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList([Block(c.n_embd, c.n_head, c.dropout, c.bias) for _ in range(c.n_layer)])
+        self.ln_f = LayerNorm(c.n_embd, c.bias)
+        self.head = nn.Linear(c.n_embd, c.codebook_size, bias=False)
+        init_weights(self, c.n_layer)
+
+    # ------------------------------------------------------------------ input checks
+    def _check_text(self, text_ids: torch.Tensor) -> None:
+        T, V = self.config.text_len, self.config.text_vocab_size
+        if text_ids.dim() != 2 or text_ids.shape[1] != T:
+            raise ValueError(f"text_ids must be [B, text_len={T}], got shape {tuple(text_ids.shape)}")
+        _check_ids("text_ids", text_ids, V)
+
+    def _check_image(self, name: str, image_ids: torch.Tensor, batch: int, max_len: int, vocab: int) -> None:
+        if image_ids.dim() != 2 or image_ids.shape[0] != batch or image_ids.shape[1] > max_len:
+            raise ValueError(
+                f"{name} must be [B={batch}, n<={max_len}] (row-major image ids), got shape {tuple(image_ids.shape)}"
+            )
+        _check_ids(name, image_ids, vocab)
+
+    def _check_targets(self, targets: torch.Tensor, shape: torch.Size) -> None:
+        if targets.shape != shape:
+            raise ValueError(f"targets must have shape {tuple(shape)}, got {tuple(targets.shape)}")
+        if targets.dtype != torch.long:
+            raise ValueError(f"targets must be long (int64), got {targets.dtype}")
+        valid = targets[targets != -100]
+        if valid.numel() and (valid.min() < 0 or valid.max() >= self.config.codebook_size):
+            raise ValueError(
+                f"targets must be in [0, codebook_size={self.config.codebook_size}) or -100 (ignored), "
+                f"got values in [{int(valid.min())}, {int(valid.max())}]"
+            )
+
+    # ------------------------------------------------------------------ utilities
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding))
+        return n
+
+    def configure_optimizers(
+        self, weight_decay: float, lr: float, betas: tuple[float, float] = (0.9, 0.95), device_type: str = "cpu"
+    ) -> torch.optim.AdamW:
+        """AdamW with weight decay on the 2D weights of Linear layers only (not norms, biases or embeddings)."""
+        embedding_params = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        decay, no_decay = [], []
+        for p in self.parameters():
+            if not p.requires_grad:
+                continue
+            (decay if p.dim() >= 2 and id(p) not in embedding_params else no_decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        extra = {"fused": True} if device_type == "cuda" else {}
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **extra)
+
+    def prepare_for_inference(self, dtype: Optional[torch.dtype] = None):
+        """eval() and, optionally, cast the weights ONCE (e.g. bfloat16).
+
+        Autocast would re-cast every weight on every call, which made one-token decode steps 2x slower on CPU.
+        """
+        self.eval()
+        if dtype is not None:
+            self.to(dtype)
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, directory: PathLike) -> Path:
+        return save_generator(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: PathLike, map_location: Union[str, torch.device] = "cpu"):
+        directory = Path(directory)
+        config_dict = read_generator_config(directory)
+        config = cls.config_class.from_dict(config_dict, source=str(directory / CONFIG_NAME))
+        model = cls(config)
+        load_state_dict_strict(model, directory / WEIGHTS_NAME)
+        return model.to(map_location)
+
+
+def _check_ids(name: str, ids: torch.Tensor, vocab: int) -> None:
+    if ids.dtype not in (torch.long, torch.int32):
+        raise ValueError(f"{name} must be an integer tensor (long), got {ids.dtype}")
+    if ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
+        raise ValueError(f"{name} must be in [0, {vocab}), got values in [{int(ids.min())}, {int(ids.max())}]")

@@ -1,0 +1,111 @@
+"""Saving and loading generators: `config.json` (with "kind") + `model.safetensors`, strict, no pickles."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Union
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+PathLike = Union[str, os.PathLike]
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_generator(model, directory: PathLike) -> Path:
+    """Write `config.json` ({"kind": ..., **config}) and `model.safetensors` into `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"kind": model.config.kind, **model.config.to_dict()}
+    # safetensors wants contiguous tensors that do not share memory
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+    def write_config(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+            f.write("\n")
+
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    _atomic_write(directory / CONFIG_NAME, write_config)
+    return directory
+
+
+def read_generator_config(directory: PathLike) -> dict:
+    """The parsed `config.json` of a saved generator, with a clear error if it is missing or malformed."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no generator config at {path} (expected a directory written by save_pretrained)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def load_state_dict_strict(model: torch.nn.Module, weights_path: PathLike) -> None:
+    """Load safetensors weights into `model`; any missing / unexpected key or shape mismatch -> ValueError."""
+    weights_path = Path(weights_path)
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"no weights file at {weights_path}")
+    state = load_file(str(weights_path))
+    check_state_dict(model, state, source=str(weights_path))
+    model.load_state_dict(state, strict=True)
+
+
+def check_state_dict(model: torch.nn.Module, state: dict, source: str) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(state))
+        if tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_short(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches {_short(mismatched)}")
+    if problems:
+        raise ValueError(f"{source} does not match {type(model).__name__}: " + "; ".join(problems))
+
+
+def _short(items: list, limit: int = 10) -> str:
+    shown = ", ".join(items[:limit])
+    return f"[{shown}{f', ... ({len(items) - limit} more)' if len(items) > limit else ''}]"
+
+
+def load_generator(directory: PathLike, map_location: Union[str, torch.device] = "cpu"):
+    """Load a GPT or a MaskedTransformer from a `save_pretrained` directory, choosing by `config.json["kind"]`."""
+    from .gpt import GPT
+    from .masked import MaskedTransformer
+
+    classes = {GPT.config_class.kind: GPT, MaskedTransformer.config_class.kind: MaskedTransformer}
+    config = read_generator_config(directory)
+    kind = config.get("kind")
+    if kind not in classes:
+        raise ValueError(
+            f"{Path(directory) / CONFIG_NAME}: unknown generator kind {kind!r}; expected one of {sorted(classes)}"
+        )
+    return classes[kind].from_pretrained(directory, map_location=map_location)

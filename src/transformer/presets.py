@@ -1,0 +1,112 @@
+"""Size presets and the transformer YAML config (`configs/gpt_base.yaml` etc.).
+
+YAML schema: sections `model` (GPTConfig / MaskedTransformerConfig fields plus `kind: gpt|mim` and optionally
+`preset: NAME` from PRESETS), `tokenizer` (`vocab_size`), `train` and `sample` (defaults below). `codebook_size` and
+`image_size` come from the VQGAN and `text_vocab_size` from the tokenizer: the training loop passes them to
+`model_config_from_yaml`.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Union
+
+import yaml
+
+from .gpt import GPTConfig
+from .masked import MaskedTransformerConfig
+
+# ONE table of sizes; argparse can use `choices=sorted(PRESETS)`.
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt_base": dict(kind="gpt", n_layer=12, n_head=12, n_embd=768),  # pai-painter-base-zh
+    "gpt_large": dict(kind="gpt", n_layer=24, n_head=16, n_embd=1024),  # pai-painter-large-zh
+    "mim_base": dict(kind="mim", n_layer=12, n_head=12, n_embd=768),
+    "demo_gpt": dict(kind="gpt", n_layer=4, n_head=4, n_embd=128),  # 8x8 tokens, CPU demo
+    "demo_mim": dict(kind="mim", n_layer=4, n_head=4, n_embd=128),
+}
+
+CONFIG_CLASSES = {"gpt": GPTConfig, "mim": MaskedTransformerConfig}
+
+TRAIN_DEFAULTS: dict[str, Any] = dict(
+    batch_size=32, grad_accum=1, lr=3.0e-4, min_lr=3.0e-5, warmup_steps=500, max_steps=100000, weight_decay=0.05,
+    betas=[0.9, 0.95], grad_clip=1.0, bf16=False, label_smoothing=0.1, mask_schedule="cosine", log_every=10,
+    val_every=500, sample_every=1000, ckpt_every=1000, keep_checkpoints=3, num_workers=0,
+)
+SAMPLE_DEFAULTS: dict[str, Any] = dict(steps=12, guidance_scale=3.0, top_k=100, top_p=1.0, temperature=1.0)
+TOKENIZER_DEFAULTS: dict[str, Any] = dict(vocab_size=8000)
+
+
+def load_transformer_yaml(path: Union[str, os.PathLike]) -> dict[str, dict[str, Any]]:
+    """Read a transformer YAML: {"model", "tokenizer", "train", "sample"} with defaults filled in.
+
+    Unknown sections or keys (except under `model`, checked by `model_config_from_yaml`) -> ValueError naming
+    the file.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no transformer config at {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping with sections model/tokenizer/train/sample")
+    sections = {"model": {}, "tokenizer": TOKENIZER_DEFAULTS, "train": TRAIN_DEFAULTS, "sample": SAMPLE_DEFAULTS}
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ValueError(f"{path}: unknown sections {unknown}; expected {sorted(sections)}")
+    out = {}
+    for name, defaults in sections.items():
+        given = raw.get(name) or {}
+        if not isinstance(given, dict):
+            raise ValueError(f"{path}: section {name!r} must be a mapping, got {type(given).__name__}")
+        if name != "model":
+            bad = sorted(set(given) - set(defaults))
+            if bad:
+                raise ValueError(f"{path}: unknown keys {bad} in section {name!r}; known: {sorted(defaults)}")
+        out[name] = {**defaults, **given}
+    # kind defaults to the preset's, then to "gpt" (see model_config_from_yaml)
+    if "kind" in out["model"] and out["model"]["kind"] not in CONFIG_CLASSES:
+        raise ValueError(f"{path}: model.kind must be one of {sorted(CONFIG_CLASSES)}, got {out['model']['kind']!r}")
+    out["source"] = path
+    return out
+
+
+def model_config_from_yaml(
+    cfg: dict[str, Any],
+    *,
+    text_vocab_size: Optional[int] = None,
+    codebook_size: Optional[int] = None,
+    image_size: Optional[int] = None,
+) -> Union[GPTConfig, MaskedTransformerConfig]:
+    """Model config from a `load_transformer_yaml` result; keyword arguments (from the tokenizer / VQGAN) win.
+
+    For kind "mim", `label_smoothing` comes from `model` if given there, else from `train`.
+    """
+    source = cfg.get("source")
+    model = dict(cfg["model"])
+    preset = model.pop("preset", None)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"{source}: unknown model.preset {preset!r}; expected one of {sorted(PRESETS)}")
+        model = {**PRESETS[preset], **model}
+    kind = model.pop("kind", "gpt")
+    if kind not in CONFIG_CLASSES:
+        raise ValueError(f"{source}: model.kind must be one of {sorted(CONFIG_CLASSES)}, got {kind!r}")
+    if kind == "mim" and "label_smoothing" not in model:
+        model["label_smoothing"] = cfg.get("train", {}).get("label_smoothing", 0.1)
+    if text_vocab_size is None and "text_vocab_size" not in model:
+        text_vocab_size = cfg.get("tokenizer", {}).get("vocab_size")
+    for key, value in (("text_vocab_size", text_vocab_size), ("codebook_size", codebook_size), ("image_size", image_size)):
+        if value is not None:
+            model[key] = int(value)
+    return CONFIG_CLASSES[kind].from_dict(model, source=f"{source} (section model)" if source else None)
+
+
+def preset_config(name: str, **overrides) -> Union[GPTConfig, MaskedTransformerConfig]:
+    """GPTConfig / MaskedTransformerConfig for a PRESETS entry, with field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    fields = {**PRESETS[name], **overrides}
+    kind = fields.pop("kind")
+    return CONFIG_CLASSES[kind].from_dict(fields)

@@ -1,0 +1,296 @@
+"""Loading and saving VQGANs: save_pretrained directories and taming-transformers Lightning checkpoints.
+
+Loading never runs pickled code unless the caller opts in (`allow_unsafe_pickle=True`), is strict, and names the file
+and every mismatched key. A taming checkpoint's architecture comes from a `model.yaml` beside it, or else is read off
+the weights themselves.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import re
+import tempfile
+import types
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Tuple, Union
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import VQGANConfig
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+PathLike = Union[str, os.PathLike]
+StateDict = Dict[str, torch.Tensor]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit; the message names the file."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """torch.load(weights_only=True) refused the file because it holds pickled Python objects."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# saving
+# ---------------------------------------------------------------------------------------------------------------
+def _atomic_write(path: Path, write) -> None:
+    """write(tmp_path) then os.replace, so a crash never leaves a half-written file under the final name."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_vqgan(model, directory: PathLike) -> None:
+    """directory/config.json + directory/model.safetensors (tensors stored contiguous, in the model's dtype)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    text = json.dumps(model.config.to_dict(), indent=2) + "\n"
+    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading files
+# ---------------------------------------------------------------------------------------------------------------
+class _StubObject(dict):
+    """Stands in for classes whose module is not installed (e.g. Lightning callbacks) in an opted-in unsafe load;
+    a dict so that pickled state arriving as items or via __setstate__ both land somewhere harmless."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+    def __setstate__(self, state):
+        self["__state__"] = state
+
+
+class _LenientUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return type(name, (_StubObject,), {"__module__": module})
+
+
+# a `pickle_module` for torch.load: pickle with a lenient Unpickler
+_lenient_pickle = types.ModuleType("tokenpaint_lenient_pickle")
+_lenient_pickle.__dict__.update({k: getattr(pickle, k) for k in dir(pickle) if not k.startswith("__")})
+_lenient_pickle.Unpickler = _LenientUnpickler
+_lenient_pickle.load = lambda f, **kw: _LenientUnpickler(f, **kw).load()
+
+
+def read_torch_checkpoint(path: PathLike, allow_unsafe_pickle: bool = False, map_location="cpu") -> Mapping:
+    """torch.load with weights_only=True; turns every failure into one CheckpointError naming the file."""
+    path = Path(path)
+    try:
+        if allow_unsafe_pickle:
+            return torch.load(path, map_location=map_location, weights_only=False, pickle_module=_lenient_pickle)
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if refused and not allow_unsafe_pickle:
+            raise UnsafeCheckpointError(
+                f"{path}: torch.load(weights_only=True) refused this checkpoint because it holds a pickled Python "
+                f"object ({refused.group(1)}); unpickling it could run arbitrary code. If you trust the file, pass "
+                f"allow_unsafe_pickle=True (VQGAN.from_pretrained(path, allow_unsafe_pickle=True))."
+            ) from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint (corrupt or not a checkpoint): {_first_line(e)}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        if isinstance(e, (FileNotFoundError, IsADirectoryError, PermissionError)):
+            raise
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint: {_first_line(e) or type(e).__name__}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def read_safetensors(path: PathLike) -> StateDict:
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise CheckpointError(f"{path}: truncated or corrupt safetensors file: {_first_line(e)}") from None
+
+
+def read_json_config(path: PathLike) -> VQGANConfig:
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    try:
+        return VQGANConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def read_taming_yaml(path: PathLike) -> VQGANConfig:
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("model"), dict):
+        raise ValueError(f"{path}: expected a taming config with a top-level `model:` section")
+    return VQGANConfig.from_taming_yaml(doc["model"], source=str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# taming checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+def extract_state_dict(ckpt: Mapping, source: PathLike) -> Tuple[StateDict, int]:
+    """Lightning ckpt (or a bare state dict) -> (model weights, number of `loss.*` keys set aside)."""
+    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else None
+    if not isinstance(sd, Mapping) or not any(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{source}: no weights found (expected a Lightning checkpoint with a 'state_dict')")
+    weights = {k: v for k, v in sd.items() if not k.startswith("loss.")}
+    return weights, len(sd) - len(weights)
+
+
+def _prefix_indices(sd: Mapping[str, torch.Tensor], pattern: str) -> list:
+    rx = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in sd for m in [rx.match(k)] if m})
+
+
+def infer_config(sd: Mapping[str, torch.Tensor], source: PathLike = "checkpoint", resolution: int = 256) -> VQGANConfig:
+    """Read a taming VQModel's architecture off its weights (given the training `resolution`, 256 by default)."""
+
+    def shape(key):
+        if key not in sd:
+            raise CheckpointError(f"{source}: cannot infer the architecture, weight {key!r} is missing")
+        return tuple(sd[key].shape)
+
+    ch, in_channels = shape("encoder.conv_in.weight")[:2]
+    levels = _prefix_indices(sd, r"encoder\.down\.(\d+)\.")
+    if not levels or levels != list(range(len(levels))):
+        raise CheckpointError(f"{source}: cannot infer the architecture, encoder.down.* levels are {levels}")
+    num_res_blocks = len(_prefix_indices(sd, r"encoder\.down\.0\.block\.(\d+)\."))
+    ch_mult = []
+    for i in levels:
+        width = shape(f"encoder.down.{i}.block.0.conv2.weight")[0]
+        if width % ch:
+            raise CheckpointError(f"{source}: encoder level {i} width {width} is not a multiple of ch={ch}")
+        ch_mult.append(width // ch)
+    enc_attn = [f"encoder.down.{i}.attn.0.q.weight" in sd for i in levels]
+    dec_attn = [f"decoder.up.{i}.attn.0.q.weight" in sd for i in levels]
+    if enc_attn != dec_attn:
+        raise CheckpointError(
+            f"{source}: encoder attention levels {enc_attn} differ from decoder's {dec_attn}; "
+            "one attn_resolutions cannot describe this model (give a model.yaml)"
+        )
+    n_embed, code_dim = shape("quantize.embedding.weight")
+    z_channels = shape("quant_conv.weight")[1]
+    if shape("encoder.conv_out.weight")[0] != z_channels:
+        raise CheckpointError(f"{source}: encoder.conv_out has {shape('encoder.conv_out.weight')[0]} outputs "
+                              f"but quant_conv takes {z_channels} (double_z models are not vector-quantized)")
+    return VQGANConfig(
+        embed_dim=code_dim,
+        n_embed=n_embed,
+        ch=ch,
+        ch_mult=tuple(ch_mult),
+        num_res_blocks=num_res_blocks,
+        attn_resolutions=tuple(resolution // 2**i for i, a in zip(levels, enc_attn) if a),
+        z_channels=z_channels,
+        resolution=resolution,
+        in_channels=in_channels,
+        out_ch=shape("decoder.conv_out.weight")[0],
+        quantizer="legacy",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# strict loading
+# ---------------------------------------------------------------------------------------------------------------
+def _listing(keys, limit: int = 12) -> str:
+    keys = list(keys)
+    more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def check_state_dict(expected: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise one CheckpointError listing missing keys, unexpected keys and shape mismatches."""
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return
+    parts = [f"{source}: weights do not fit the model configuration."]
+    if missing:
+        parts.append(f"Missing keys ({len(missing)}): {_listing(missing)}.")
+    if unexpected:
+        parts.append(f"Unexpected keys ({len(unexpected)}): {_listing(unexpected)}.")
+    if shapes:
+        parts.append(f"Shape mismatches ({len(shapes)}): {_listing(shapes, 8)}.")
+    raise CheckpointError(" ".join(parts))
+
+
+def build_from_state_dict(config: VQGANConfig, sd: StateDict, source: str):
+    """Construct without random init (meta device), check strictly, then adopt the loaded tensors."""
+    from .model import VQGAN
+
+    with torch.device("meta"):
+        model = VQGAN(config)
+    check_state_dict(model.state_dict(), sd, source)
+    model.load_state_dict(sd, strict=True, assign=True)
+    dtypes = {v.dtype for v in sd.values()}
+    if len(dtypes) > 1:  # a mixed file: settle on the codebook's dtype so every op sees one dtype
+        model.to(sd["quantize.embedding.weight"].dtype)
+    return model
+
+
+def load_vqgan(path: PathLike, allow_unsafe_pickle: bool = False, map_location="cpu"):
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"VQGAN not found: {path} (expected a save_pretrained directory or a taming .ckpt)")
+    if path.is_dir():
+        config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+        for p in (config_path, weights_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"{p} not found: {path} is not a VQGAN save_pretrained directory")
+        model = build_from_state_dict(read_json_config(config_path), read_safetensors(weights_path), str(weights_path))
+    elif path.suffix == ".safetensors":
+        config_path = path.with_name(CONFIG_NAME)
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path} not found: a bare {path.name} needs its config.json beside it")
+        model = build_from_state_dict(read_json_config(config_path), read_safetensors(path), str(path))
+    else:
+        model = load_taming_checkpoint(path, allow_unsafe_pickle=allow_unsafe_pickle)
+    return model.to(map_location)
+
+
+def load_taming_checkpoint(path: PathLike, allow_unsafe_pickle: bool = False):
+    path = Path(path)
+    sd, n_loss = extract_state_dict(read_torch_checkpoint(path, allow_unsafe_pickle), path)
+    if n_loss:
+        logger.warning("%s: set aside %d loss.* weights (LPIPS / discriminator; not needed for inference)", path, n_loss)
+    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    yaml_path = path.with_name("model.yaml")
+    if yaml_path.is_file():
+        config, source = read_taming_yaml(yaml_path), f"{path} (architecture from {yaml_path})"
+    else:
+        config, source = infer_config(sd, path), str(path)
+        logger.info("%s: architecture inferred from the weights: %s", path, config)
+    return build_from_state_dict(config, sd, source)

@@ -1,0 +1,119 @@
+"""generate.py: outputs (PNG files, grid, EasyNLP output TSV) and argument errors."""
+
+import base64
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_pipeline import RESOLUTION, build_run, CAPTIONS, tiny_vqgan
+from tokenpaint.data import TextTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import generate  # noqa: E402  (the script at the repo root)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    tokenizer = TextTokenizer.train(CAPTIONS, root / "spm" / "tok", vocab_size=400)
+    return build_run(root, "mim", tokenizer, tiny_vqgan(), sample={"steps": 3, "guidance_scale": 2.0})
+
+
+def decode_b64_png(field):
+    raw = base64.b64decode(field, validate=True)
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+    return raw, Image.open(io.BytesIO(raw))
+
+
+def test_prompts_to_tsv_pngs_and_grid(run_dir, tmp_path):
+    out_tsv, out_dir = tmp_path / "pred.tsv", tmp_path / "pngs"
+    rc = generate.main(["--model", str(run_dir), "--prompt", "a red circle", "一只红色的猫", "--num-images", "2",
+                        "--output", str(out_tsv), "--out-dir", str(out_dir), "--grid", "--seed", "5"])
+    assert rc == 0
+    lines = out_tsv.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2
+    for n, (line, text) in enumerate(zip(lines, ["a red circle", "一只红色的猫"])):
+        idx, got_text, images = line.split("\t")  # idx \t text \t b64png,b64png
+        assert (idx, got_text) == (str(n), text)
+        fields = images.split(",")
+        assert len(fields) == 2
+        for k, field in enumerate(fields):
+            raw, image = decode_b64_png(field)
+            assert image.size == (RESOLUTION, RESOLUTION)
+            assert (out_dir / f"{idx}_{k}.png").read_bytes() == raw
+    grid = Image.open(out_dir / "grid.png")
+    assert grid.size == (2 * RESOLUTION, 2 * RESOLUTION)
+    # the same seed again gives the same bytes; image 3 regenerated alone (seed 5 + 3) equals it too
+    again = tmp_path / "again"
+    generate.main(["--model", str(run_dir), "--prompt", "一只红色的猫", "--seed", "8", "--out-dir", str(again)])
+    assert (again / "0_0.png").read_bytes() == (out_dir / "1_1.png").read_bytes()
+
+
+def test_prompt_tsv_input_keeps_its_ids(run_dir, tmp_path):
+    prompts = tmp_path / "prompts.tsv"
+    prompts.write_text("p7\ta blue star\nq9\ta green square\n", encoding="utf-8")
+    out_tsv = tmp_path / "sub" / "pred.tsv"
+    generate.main(["--model", str(run_dir), "--input", str(prompts), "--output", str(out_tsv)])
+    rows = [line.split("\t") for line in out_tsv.read_text(encoding="utf-8").splitlines()]
+    assert [(r[0], r[1]) for r in rows] == [("p7", "a blue star"), ("q9", "a green square")]
+    assert all(len(r) == 3 and len(r[2].split(",")) == 1 for r in rows)
+    decode_b64_png(rows[0][2])
+
+
+def test_inpaint_from_the_command_line(run_dir, tmp_path):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (RESOLUTION, RESOLUTION, 3), dtype=np.uint8))
+    mask = np.zeros((RESOLUTION, RESOLUTION), dtype=np.uint8)
+    mask[:, 8:] = 255
+    image.save(tmp_path / "in.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    out_dir = tmp_path / "edit"
+    generate.main(["--model", str(run_dir), "--prompt", "a red circle", "--init-image", str(tmp_path / "in.png"),
+                   "--mask", str(tmp_path / "mask.png"), "--num-images", "2", "--out-dir", str(out_dir)])
+    assert sorted(os.listdir(out_dir)) == ["0_0.png", "0_1.png"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--prompt", "x", "--top-p", "1.5"], "--top-p"),
+        (["--prompt", "x", "--top-p", "0"], "--top-p"),
+        (["--prompt", "x", "--steps", "0"], "--steps"),
+        (["--prompt", "x", "--top-k", "0"], "--top-k"),
+        (["--prompt", "x", "--temperature", "0"], "--temperature"),
+        (["--prompt", "x", "--guidance-scale", "-1"], "--guidance-scale"),
+        (["--prompt", "x", "--num-images", "0"], "--num-images"),
+        (["--prompt", "x", "--mask", "m.png"], "--mask needs --init-image"),
+        (["--prompt", "x", "--init-image", "missing.png"], "missing.png"),
+        (["--input", "missing.tsv"], "missing.tsv"),
+        (["--prompt", "x", "--input", "p.tsv"], "not allowed with"),
+        ([], "one of the arguments --prompt --input is required"),
+        (["--prompt", "x", "--dtype", "int8"], "--dtype"),
+    ],
+)
+def test_argument_errors(run_dir, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(["--model", str(run_dir)] + extra)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_model_dir_is_an_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        generate.main(["--model", str(tmp_path / "nope"), "--prompt", "x"])
+    assert "nope" in capsys.readouterr().err
+
+
+def test_runs_as_a_script(run_dir, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "generate.py"), "--model", str(run_dir), "--prompt", "a red circle", "--top-p", "2"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert result.returncode == 2 and "--top-p" in result.stderr
+    assert not (tmp_path / "outputs").exists()  # nothing was written before the error

@@ -1,0 +1,254 @@
+"""Pipeline end to end on tiny random run directories (GPT and masked transformer)."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from tokenpaint import Pipeline
+from tokenpaint.data import TextTokenizer
+from tokenpaint.transformer import GPT, GPTConfig, MaskedTransformer, MaskedTransformerConfig
+from tokenpaint.vqgan import VQGAN, VQGANConfig
+
+COLORS = ["red", "green", "blue", "yellow", "purple", "orange"]
+SHAPES = ["circle", "square", "triangle", "star"]
+CAPTIONS = [f"a {c} {s} on a white background" for c in COLORS for s in SHAPES] + ["一只红色的猫", "蓝色的天空"]
+RESOLUTION = 16  # 4x4 tokens with a f4 VQGAN
+
+
+def tiny_vqgan():
+    torch.manual_seed(0)
+    config = VQGANConfig(embed_dim=8, n_embed=32, ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, attn_resolutions=(),
+                         z_channels=8, resolution=RESOLUTION)
+    return VQGAN(config)
+
+
+def build_run(root, kind, tokenizer, vqgan, sample=None):
+    """A run directory as train.py writes it: generator + tokenizer.model + vqgan/ + train_config.yaml."""
+    run = root / kind
+    config_cls, model_cls = (GPTConfig, GPT) if kind == "gpt" else (MaskedTransformerConfig, MaskedTransformer)
+    config = config_cls(text_vocab_size=tokenizer.vocab_size, text_len=8, codebook_size=32, image_size=4,
+                        n_layer=1, n_head=2, n_embd=32)
+    torch.manual_seed(1)
+    model = model_cls(config)
+    with torch.no_grad():  # at init (std 0.02) the logits are near uniform and ignore the text: sharpen them
+        model.embed.text_tok.weight.mul_(50)
+        model.head.weight.mul_(20)
+    model.save_pretrained(run)
+    tokenizer.save(run)
+    vqgan.save_pretrained(run / "vqgan")
+    if sample is not None:
+        (run / "train_config.yaml").write_text(yaml.safe_dump({"sample": sample}), encoding="utf-8")
+    return run
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    tokenizer = TextTokenizer.train(CAPTIONS, root / "spm" / "tok", vocab_size=400)  # words become single pieces
+    vqgan = tiny_vqgan()
+    return {
+        "gpt": build_run(root, "gpt", tokenizer, vqgan, sample={"guidance_scale": 2.0, "top_k": 16}),
+        "mim": build_run(root, "mim", tokenizer, vqgan, sample={"steps": 4, "guidance_scale": 2.0, "top_k": None}),
+    }
+
+
+@pytest.fixture(scope="module")
+def pipes(runs):
+    return {kind: Pipeline.from_pretrained(run) for kind, run in runs.items()}
+
+
+@pytest.fixture(params=["gpt", "mim"])
+def pipe(request, pipes):
+    return pipes[request.param]
+
+
+def png_bytes(image):
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_from_pretrained_reads_kind_and_sample_defaults(pipes):
+    gpt, mim = pipes["gpt"], pipes["mim"]
+    assert gpt.kind == "gpt" and mim.kind == "mim"
+    assert gpt.defaults["top_k"] == 16 and gpt.defaults["guidance_scale"] == 2.0
+    assert mim.defaults["steps"] == 4 and mim.defaults["top_k"] is None  # null in the YAML = no top-k
+    assert mim.defaults["temperature"] == 1.0  # not in the YAML: the built-in default
+    assert gpt.resolution == RESOLUTION
+
+
+def test_images_are_pil_of_the_right_size_in_prompt_major_order(pipe):
+    ids = pipe.generate_ids(["a red circle", "a blue star"], num_images=2, seed=0)
+    assert ids.shape == (4, 4, 4) and ids.dtype == torch.long
+    alone = pipe.generate_ids(["a blue star"], num_images=1, seed=3)  # image 3 = prompt 1, k=1
+    assert torch.equal(ids[3], alone[0])
+    images = pipe.decode(ids)
+    assert len(images) == 4
+    assert all(isinstance(im, Image.Image) and im.size == (RESOLUTION, RESOLUTION) and im.mode == "RGB"
+               for im in images)
+
+
+def test_same_seed_same_png_bytes_and_different_seeds_differ(pipe):
+    a = [png_bytes(im) for im in pipe(["a red circle"], num_images=2, seed=7)]
+    b = [png_bytes(im) for im in pipe(["a red circle"], num_images=2, seed=7)]
+    c = [png_bytes(im) for im in pipe(["a red circle"], num_images=2, seed=8)]
+    assert a == b
+    assert a[0] != a[1]  # seed 7 and seed 8 within one request
+    assert c[0] == a[1]  # image 0 of seed 8 is image 1 of seed 7
+    assert c[1] not in a
+
+
+def test_image_regenerated_alone_equals_image_of_a_batch(pipe):
+    prompts = ["a red circle", "一只红色的猫"]
+    batched = pipe(prompts, num_images=2, seed=3, batch_size=3)
+    for i in (0, 3):
+        alone = pipe([prompts[i // 2]], num_images=1, seed=3 + i, batch_size=1)[0]
+        assert png_bytes(alone) == png_bytes(batched[i])
+    small_batches = pipe(prompts, num_images=2, seed=3, batch_size=1)
+    assert [png_bytes(x) for x in small_batches] == [png_bytes(x) for x in batched]
+
+
+def test_uncached_gpt_matches_cached(pipes):
+    pipe = pipes["gpt"]
+    cached = pipe.generate_ids(["a red circle", "a blue star"], num_images=2, seed=0)
+    uncached = pipe.generate_ids(["a red circle", "a blue star"], num_images=2, seed=0, use_kv_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_negative_prompt_reaches_the_sampler(pipe, monkeypatch):
+    import tokenpaint.pipeline as pipeline_module
+
+    seen = []
+    for name in ("sample_masked", "sample_autoregressive"):
+        original = getattr(pipeline_module, name)
+
+        def record(model, text_ids, _original=original, **kwargs):
+            seen.append(kwargs["negative_text_ids"])
+            return _original(model, text_ids, **kwargs)
+
+        monkeypatch.setattr(pipeline_module, name, record)
+    pipe(["a red circle", "a blue star"], num_images=2, seed=0, negative_prompt="a green square", batch_size=4)
+    expected = pipe.tokenizer.encode(["a green square"], length=8).expand(4, -1)
+    assert torch.equal(seen[-1], expected)
+    pipe(["a red circle"], seed=0)
+    assert not seen[-1].any()  # no negative prompt: the empty prompt, all zeros
+
+
+def test_negative_prompt_and_guidance_change_the_result(pipe):
+    base = pipe.generate_ids(["a red circle"], num_images=3, seed=0)
+    negative = pipe.generate_ids(["a red circle"], num_images=3, seed=0, negative_prompt="a blue star")
+    unguided = pipe.generate_ids(["a red circle"], num_images=3, seed=0, guidance_scale=1.0)
+    assert not torch.equal(base, negative) and not torch.equal(base, unguided)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(steps=0), "steps"),
+        (dict(guidance_scale=-1.0), "guidance_scale"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=0), "top_k"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(num_images=0), "num_images"),
+        (dict(batch_size=0), "batch_size"),
+    ],
+)
+def test_bad_arguments_raise_before_any_work(pipe, monkeypatch, kwargs, name):
+    def fail(*args, **kw):
+        raise AssertionError("sampling started before validation")
+
+    monkeypatch.setattr(pipe, "_sample", fail)
+    with pytest.raises(ValueError, match=name):
+        pipe(["a red circle"], **kwargs)
+
+
+def test_unknown_model_dir_and_incomplete_run(tmp_path, runs):
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match="nope"):
+        Pipeline.from_pretrained(missing)
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        Pipeline.from_pretrained(tmp_path / "partial")
+    with pytest.raises(ValueError, match="dtype"):
+        Pipeline.from_pretrained(runs["gpt"], dtype="int8")
+
+
+def test_long_prompt_is_truncated_with_a_warning(pipe):
+    long_prompt = " ".join(CAPTIONS[:6])
+    with pytest.warns(UserWarning, match="truncated"):
+        images = pipe([long_prompt], seed=0)
+    assert len(images) == 1
+
+
+def test_bfloat16_casts_the_generator_once(runs):
+    pipe = Pipeline.from_pretrained(runs["gpt"], dtype="bfloat16")
+    assert pipe.model.dtype == torch.bfloat16
+    images = pipe(["a red circle"], num_images=2, seed=0)
+    assert len(images) == 2 and images[0].size == (RESOLUTION, RESOLUTION)
+
+
+# ---------------------------------------------------------------------------------------------------------------- edit
+
+
+def random_image(seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (RESOLUTION, RESOLUTION, 3), dtype=np.uint8))
+
+
+def test_inpaint_keeps_the_tokens_outside_the_mask(pipe):
+    image = random_image()
+    mask = np.zeros((RESOLUTION, RESOLUTION), dtype=np.uint8)
+    mask[8:, :] = 255  # bottom half = token rows 2 and 3
+    mask_image = Image.fromarray(mask)
+    ids = pipe.edit_ids("a red circle", image, mask=mask_image, mode="inpaint", num_images=2, seed=0)
+    original = pipe._encode_image(image)[0]
+    assert torch.equal(ids[:, :2], original[:2].expand(2, -1, -1))
+    assert not torch.equal(ids[0, 2:], ids[1, 2:])  # each image has its own seed
+    images = pipe.edit("a red circle", image, mask=mask_image, mode="inpaint", num_images=2, seed=0)
+    assert [png_bytes(x) for x in images] == [png_bytes(x) for x in pipe.decode(ids)]
+
+
+def test_edit_errors(pipe):
+    image = random_image()
+    with pytest.raises(ValueError, match=r"mask size 8x8 does not match the image size 16x16"):
+        pipe.edit("x", image, mask=Image.new("L", (8, 8)), mode="inpaint")
+    with pytest.raises(ValueError, match="mask is required"):
+        pipe.edit("x", image, mode="inpaint")
+    with pytest.raises(ValueError, match="mode"):
+        pipe.edit("x", image, mode="paint")
+    with pytest.raises(ValueError, match="strength"):
+        pipe.edit("x", image, mode="img2img", strength=0.0)
+    if pipe.kind == "gpt":
+        with pytest.raises(ValueError, match="mim"):
+            pipe.edit("x", image, mode="img2img")
+
+
+def test_continue_keeps_the_top_rows(pipe):
+    image = random_image(1)
+    ids = pipe.edit_ids("a red circle", image, mode="continue", keep_rows=1, num_images=2, seed=0)
+    original = pipe._encode_image(image)[0]
+    assert torch.equal(ids[:, 0], original[0].expand(2, -1))
+
+
+def test_outpaint_keeps_the_placed_image(pipe):
+    small = random_image(2).resize((8, 8))
+    ids = pipe.edit_ids("a red circle", small, mode="outpaint", offset=(8, 0), num_images=1, seed=0)
+    placed = pipe._encode_image(small)[0]  # [2, 2]
+    assert torch.equal(ids[0, 0:2, 2:4], placed)
+
+
+def test_img2img_masked_model(pipes):
+    pipe = pipes["mim"]
+    image = random_image(3)
+    original = pipe._encode_image(image)[0].flatten()
+    ids = pipe.edit_ids("a red circle", image, mode="img2img", strength=0.25, num_images=2, seed=0)
+    changed = (ids.flatten(1) != original).sum(1)
+    assert (changed <= 4).all()  # round(0.25 * 16) tokens are regenerated, the rest kept
+    again = pipe.edit_ids("a red circle", image, mode="img2img", strength=0.25, num_images=2, seed=0)
+    assert torch.equal(ids, again)
