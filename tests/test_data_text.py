@@ -78,7 +78,8 @@ def test_decode_accepts_lists_and_rejects_out_of_range(tokenizer):
 def test_save_load_and_pickle_keep_the_model(tokenizer, tmp_path):
     path = tokenizer.save(tmp_path / "run")
     assert path == str(tmp_path / "run" / "tokenizer.model")
-    for other in (TextTokenizer(path), TextTokenizer.from_pretrained(tmp_path / "run"), pickle.loads(pickle.dumps(tokenizer))):
+    copies = (TextTokenizer(path), TextTokenizer.from_pretrained(tmp_path / "run"), pickle.loads(pickle.dumps(tokenizer)))
+    for other in copies:
         assert other.vocab_size == tokenizer.vocab_size
         assert torch.equal(other.encode(MIXED), tokenizer.encode(MIXED))
 

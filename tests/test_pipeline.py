@@ -252,3 +252,19 @@ def test_img2img_masked_model(pipes):
     assert (changed <= 4).all()  # round(0.25 * 16) tokens are regenerated, the rest kept
     again = pipe.edit_ids("a red circle", image, mode="img2img", strength=0.25, num_images=2, seed=0)
     assert torch.equal(ids, again)
+
+
+def test_sample_defaults_from_train_config(tmp_path):
+    from tokenpaint.pipeline import BUILTIN_DEFAULTS, read_sample_defaults
+
+    assert read_sample_defaults(tmp_path / "missing.yaml") == BUILTIN_DEFAULTS
+    path = tmp_path / "train_config.yaml"
+    path.write_text("train: {lr: 0.1}\nsample: {steps: 8, schedule: linear, every: 5}\n", encoding="utf-8")
+    defaults = read_sample_defaults(path)
+    assert defaults["steps"] == 8 and defaults["schedule"] == "linear" and "every" not in defaults
+    path.write_text("sample: {top_p: 2.0}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"train_config.yaml: section 'sample': top_p"):
+        read_sample_defaults(path)
+    path.write_text("sample: [1, 2\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="invalid YAML"):
+        read_sample_defaults(path)

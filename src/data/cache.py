@@ -122,19 +122,20 @@ class TokenCache(Dataset):
             return [json.loads(line) for line in f]
 
 
-def _model_device(module) -> torch.device:
-    try:
-        return next(module.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
+def _input_placement(module) -> tuple[torch.device, torch.dtype]:
+    """Device and floating dtype of the model's parameters (a VQGAN cast to bf16 wants bf16 input)."""
+    params = [p for p in getattr(module, "parameters", lambda: [])() if p.is_floating_point()]
+    return (params[0].device, params[0].dtype) if params else (torch.device("cpu"), torch.float32)
 
 
 def build_token_cache(tsv_path, vqgan, tokenizer: TextTokenizer, cache_dir, resolution: int, text_len: int = 32,
                       batch_size: int = 32, bad_rows: str = "error", progress: bool = True,
                       num_workers: int = 0) -> TokenCache:
     """Encode every row of `tsv_path` once (`vqgan.encode(x) -> long [B,h,w]`, tokenizer ids) into `cache_dir`, or
-    reuse the cache there if its fingerprint matches. Single-process: under DDP, build on rank 0 first, then let the
-    other ranks call this (they will reuse it)."""
+    reuse the cache there if its fingerprint matches. The VQGAN runs in eval mode on its own device and dtype.
+    Single-process: under DDP, build on rank 0 first, then let the other ranks call this (they will reuse it).
+    Images given as paths inside the TSV are not part of the fingerprint: editing them in place needs a rebuild
+    (delete cache_dir)."""
     fingerprint = cache_fingerprint(tsv_path, vqgan, tokenizer, resolution, text_len)
     meta_path = os.path.join(cache_dir, "meta.json")
     if os.path.isfile(meta_path):
@@ -154,18 +155,22 @@ def build_token_cache(tsv_path, vqgan, tokenizer: TextTokenizer, cache_dir, reso
     tmp["captions"] = os.path.join(cache_dir, f"captions.jsonl.tmp{os.getpid()}")
     dataset = TSVImageText(tsv_path, resolution, bad_rows=bad_rows, rank=0, world_size=1)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    device = _model_device(vqgan)
+    device, dtype = _input_placement(vqgan)
+    was_training = getattr(vqgan, "training", False)
+    if hasattr(vqgan, "eval"):
+        vqgan.eval()
     num_rows, truncated, grid = 0, 0, None
+    meta_tmp = tmp["meta"] = meta_path + f".tmp{os.getpid()}"
     try:
         with open(tmp["image_ids"], "wb") as image_file, open(tmp["text_ids"], "wb") as text_file, \
                 open(tmp["captions"], "w", encoding="utf-8") as caption_file, torch.inference_mode():
             for batch in tqdm(loader, desc=f"tokenising {os.path.basename(tsv_path)}", unit="batch",
                               disable=not progress):
-                ids = vqgan.encode(batch["image"].to(device))  # long [B,h,w]
-                if ids.dim() != 3 or ids.shape[0] != batch["image"].shape[0]:
-                    raise ValueError(f"vqgan.encode returned shape {tuple(ids.shape)}, expected [B,h,w]")
-                if grid is None:
-                    grid = tuple(ids.shape[1:])
+                ids = vqgan.encode(batch["image"].to(device=device, dtype=dtype))  # long [B,h,w]
+                if ids.dim() != 3 or ids.shape[0] != batch["image"].shape[0] or grid not in (None, ids.shape[1:]):
+                    raise ValueError(f"vqgan.encode returned shape {tuple(ids.shape)}, expected [B,h,w] "
+                                     f"with the same h, w for every batch")
+                grid = tuple(ids.shape[1:])
                 if ids.min() < 0 or ids.max() > np.iinfo(np.uint16).max:
                     raise ValueError("vqgan.encode returned ids outside [0, 65535]: cannot store them as uint16")
                 image_file.write(ids.reshape(ids.shape[0], -1).cpu().numpy().astype(np.uint16).tobytes())
@@ -181,13 +186,14 @@ def build_token_cache(tsv_path, vqgan, tokenizer: TextTokenizer, cache_dir, reso
             os.replace(tmp[name], os.path.join(cache_dir, filename))
         os.replace(tmp["captions"], os.path.join(cache_dir, "captions.jsonl"))
         meta = {"fingerprint": fingerprint, "num_rows": num_rows, "image_grid": list(grid),
-                "tokens_per_image": grid[0] * grid[1], "captions_truncated": truncated, "bad_rows_skipped": dataset.bad_rows_skipped,
-                "bad_row_counts": dataset.bad_row_counts}
-        meta_tmp = meta_path + f".tmp{os.getpid()}"
+                "tokens_per_image": grid[0] * grid[1], "captions_truncated": truncated,
+                "bad_rows_skipped": dataset.bad_rows_skipped, "bad_row_counts": dataset.bad_row_counts}
         with open(meta_tmp, "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1, ensure_ascii=False)
         os.replace(meta_tmp, meta_path)  # the commit point
     finally:
+        if was_training:
+            vqgan.train()
         for path in tmp.values():
             if os.path.exists(path):
                 os.remove(path)

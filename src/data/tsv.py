@@ -331,7 +331,8 @@ def write_output_tsv(path, rows: Iterable) -> None:
             for n, (idx, text, images) in enumerate(rows, start=1):
                 for name, value in (("idx", str(idx)), ("text", text)):
                     if "\t" in value or "\n" in value or "\r" in value:
-                        raise ValueError(f"write_output_tsv({path}): row {n}: {name} {value!r} contains a tab or newline")
+                        raise ValueError(f"write_output_tsv({path}): row {n}: {name} {value!r} contains a tab or "
+                                         "newline")
                 images = images if isinstance(images, (list, tuple)) else [images]
                 encoded = [im if isinstance(im, str) else encode_png_base64(im) for im in images]
                 f.write(f"{idx}\t{text}\t{','.join(encoded)}\n")

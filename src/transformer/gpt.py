@@ -60,9 +60,8 @@ class GPT(TokenTransformer):
         """
         c = self.config
         self._check_text(text_ids)
-        B, n = image_ids.shape[0], image_ids.shape[-1]
         self._check_image("image_ids", image_ids, text_ids.shape[0], c.num_image_tokens, c.codebook_size)
-        if n == 0:
+        if image_ids.shape[1] == 0:
             raise ValueError("image_ids must hold at least one image token (use prefill for text-only context)")
         T = c.text_len
         x = torch.cat([self.embed.text(text_ids), self.embed.image(image_ids[:, :-1])], dim=1)  # [B, T+n-1, C]
