@@ -16,13 +16,16 @@ $(VENV)/.installed: setup.cfg pyproject.toml scripts/install_torch.sh
 	$(BIN)/pip install -q --no-deps taming-transformers==0.0.1
 	touch $@
 
+# Tests use tiny models and spawn worker processes: one thread each avoids oversubscribing the cores.
+TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+
 # The fast suite (a few minutes on 2 CPU cores).
 test: venv
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # Everything, the full-size parity checks included.
 test-all: venv
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 demo: venv
 	$(BIN)/python -m tokenpaint.demo --out demo

@@ -61,6 +61,11 @@ def check_args(parser: argparse.ArgumentParser, args) -> tuple[list[tuple[str, s
                          temperature=args.temperature, strength=args.strength)
     except ValueError as e:
         parser.error(f"--{str(e).split(' ')[0].replace('_', '-')}: {e}" if " must " in str(e) else str(e))
+    if str(args.device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: CUDA is not available on this machine")
     editing = [flag for flag, value in (("--mask", args.mask), ("--edit-mode", args.edit_mode)) if value]
     if editing and not args.init_image:
         parser.error(f"{editing[0]} needs --init-image")

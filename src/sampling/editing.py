@@ -8,7 +8,7 @@ regenerated.
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional
 
 import numpy as np
 import torch

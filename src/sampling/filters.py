@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
 Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
 
