@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    prog = (sys.argv[0] or "train.py") if argv is None else "train.py"
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     from tokenpaint.training.common import NonFiniteLossError, TrainOptions
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                             max_steps=args.max_steps, max_minutes=args.max_minutes, batch_size=args.batch_size,
                             seed=args.seed, resume=args.resume, bad_rows=args.bad_rows,
                             vqgan_dir=getattr(args, "vqgan_dir", None), tokenizer=getattr(args, "tokenizer", None),
-                            init_from=getattr(args, "init_from", None), argv=["train.py", *argv])
+                            init_from=getattr(args, "init_from", None), argv=[prog, *argv])
         if args.stage == "vqgan":
             from tokenpaint.training.vqgan_stage import train_vqgan
 

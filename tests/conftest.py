@@ -1,11 +1,16 @@
 """Shared fixtures: tiny VQGAN configs and taming-transformers reference models built on the same weights."""
 import contextlib
 import io
+import os
 
 import pytest
 import torch
 
 from tokenpaint.vqgan import VQGAN, VQGANConfig
+
+# Tiny test models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP workers spin-waiting
+# for a busy core made a tiny VQGAN training step 25x slower (3.4 s vs 0.16 s). Override for a quiet machine.
+torch.set_num_threads(int(os.environ.get("TOKENPAINT_TEST_THREADS", "1")))
 
 
 def tiny_config(**overrides) -> VQGANConfig:

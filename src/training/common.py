@@ -313,6 +313,31 @@ def all_reduce_max_flag(flag: bool, device: torch.device) -> bool:
 # ----------------------------------------------------------------------------- loop helpers
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls are native (fast) here: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_bf16(setting: Any, device: torch.device, where: str = "train.bf16") -> bool:
+    """A config's bf16 switch: true | false | "auto" (= native_bf16). Without native support autocast emulates
+    bf16: on an AVX2-only CPU a training step was ~10x slower than float32, so true warns there."""
+    if setting == "auto":
+        return native_bf16(device)
+    if not isinstance(setting, bool):
+        raise ValueError(f"{where} must be true, false or 'auto', got {setting!r}")
+    if setting and not native_bf16(device) and is_main():
+        print(f"warning: {where} is true but this {device.type.upper()} has no native bf16 (AVX512-BF16/AMX): "
+              f"autocast will be much slower than float32; use bf16: auto", file=sys.stderr)
+    return setting
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 

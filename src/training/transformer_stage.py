@@ -28,7 +28,7 @@ from ..transformer.presets import TOKENIZER_DEFAULTS
 from ..vqgan import VQGAN
 from .common import (CheckpointManager, GracefulStop, MetricsLogger, TimeBudget, TrainOptions, all_reduce_max_flag,
                      capture_rng, check_finite, cleanup_distributed, cosine_lr, is_distributed, is_main, load_config,
-                     progress_bar, restore_rng, resume_command, save_yaml, set_seed, setup_distributed)
+                     progress_bar, resolve_bf16, restore_rng, resume_command, save_yaml, set_seed, setup_distributed)
 from .transformer_data import GlobalBatches, corrupt, rank_rows, summed_cross_entropy
 from .transformer_samples import sample_grid, validation_loss
 
@@ -52,6 +52,8 @@ def resolve_config(opts: TrainOptions) -> dict:
                 "keep_checkpoints", "val_batches"):
         if not isinstance(train[key], int) or train[key] < 1:
             raise ValueError(f"{opts.config}: train.{key} must be an integer >= 1, got {train[key]!r}")
+    if train["bf16"] not in (True, False, "auto"):
+        raise ValueError(f"{opts.config}: train.bf16 must be true, false or 'auto', got {train['bf16']!r}")
     try:
         mask_ratio(0.5, train["mask_schedule"])
     except ValueError as e:
@@ -195,6 +197,7 @@ def _train(opts: TrainOptions, info) -> dict:
             vqgan.save_pretrained(os.path.join(opts.out, "vqgan"))
             save_yaml(os.path.join(opts.out, "train_config.yaml"), cfg)
     tcfg, scfg = cfg["train"], cfg["sample"]
+    bf16 = resolve_bf16(tcfg["bf16"], device, where=f"{latest if opts.resume else opts.config}: train.bf16")
     ckpts.keep_last = tcfg["keep_checkpoints"]
     seed, kind = tcfg["seed"], model_config.kind
     vqgan = vqgan.to(device).prepare_for_inference()
@@ -227,7 +230,7 @@ def _train(opts: TrainOptions, info) -> dict:
     mask_id = model.mask_token_id if kind == "mim" else None
     max_steps, accum = tcfg["max_steps"], tcfg["grad_accum"]
     decay_steps = tcfg["decay_steps"] or max_steps
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(tcfg["bf16"]))  # noqa: E731
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
     metrics = MetricsLogger(opts.out, resume_step=step if resume_state is not None else None)
     last_ckpt, budget = ckpts.latest(), TimeBudget(opts.max_minutes)
     stop_reason, last_val, losses = "max_steps", None, []
@@ -282,7 +285,9 @@ def _train(opts: TrainOptions, info) -> dict:
             window["steps"] += 1
             window["tokens"] += global_batch * accum * model_config.num_image_tokens
 
-            if step == 1 or step % tcfg["log_every"] == 0 or step == max_steps:
+            stopping = all_reduce_max_flag(stop.requested or budget.expired(), device) and step < max_steps
+            last = stopping or step == max_steps  # the final model always gets a log line, val loss and samples
+            if step == 1 or step % tcfg["log_every"] == 0 or last:
                 now = time.monotonic()
                 record = dict(loss=window["loss"] / window["steps"], lr=lr,
                               tokens_per_sec=window["tokens"] / max(1e-9, now - window["t0"]))
@@ -291,8 +296,6 @@ def _train(opts: TrainOptions, info) -> dict:
                 metrics.log(step, **record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_sec']:.0f}")
                 window = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": now}
-            stopping = all_reduce_max_flag(stop.requested or budget.expired(), device) and step < max_steps
-            last = stopping or step == max_steps  # the final model always gets a val loss and a sample grid
             if "val" in caches and (step % tcfg["val_every"] == 0 or last):
                 last_val = validate()
             if is_main() and (step % tcfg["sample_every"] == 0 or last):

@@ -1,0 +1,131 @@
+"""Training throughput (forward + backward + AdamW step) of gpt_base and mim_base, and its share of this machine's
+own matmul peak, measured in the same run.
+
+    python benchmarks/train_throughput.py                       # both models, float32 and bf16 autocast, batch 2
+    python benchmarks/train_throughput.py --models gpt --dtypes float32 --profile   # where does the time go
+    python benchmarks/train_throughput.py --layers 2 --compile  # does torch.compile help the step?
+
+Model FLOPs per step (nanoGPT's estimate, backward = 2x forward): 6 * (trunk params * sequence tokens + head params
+* image tokens) * batch + 12 * layers * seq^2 * width * batch (attention scores and values, no causal discount).
+tokens/s counts sequence tokens (text + image). The peak is an n x n matmul in the same dtype, timed in this run;
+"MFU" = model FLOP/s / that peak (bf16 is also shown against the float32 peak: on a CPU without native bf16 matmul
+the bf16 "peak" is far below the float32 one).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from _common import add_common_args, build_generator, matmul_peak, print_table, random_text, setup, timed
+
+DTYPES = {"float32": None, "bf16-autocast": torch.bfloat16}
+
+
+def step_flops(model, batch: int) -> tuple[float, int]:
+    c = model.config
+    n = c.num_image_tokens
+    seq = c.text_len + n - (1 if c.kind == "gpt" else 0)
+    trunk = sum(p.numel() for p in model.blocks.parameters()) + sum(p.numel() for p in model.ln_f.parameters())
+    head = model.head.weight.numel()
+    flops = 6 * (trunk * seq + head * n) * batch + 12 * c.n_layer * seq * seq * c.n_embd * batch
+    return float(flops), seq * batch
+
+
+def make_step(model, batch: int, autocast_dtype, seed: int):
+    """A closure running one optimiser step on a fixed random batch (the data pipeline is not measured)."""
+    c = model.config
+    text = random_text(batch, c.text_len, c.text_vocab_size, seed)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, c.codebook_size, (batch, c.num_image_tokens), generator=g)
+    if c.kind == "mim":
+        inputs, targets = model.masked_training_batch(ids, g)
+    else:
+        inputs, targets = ids, ids
+    opt = model.configure_optimizers(weight_decay=0.05, lr=3e-4)
+    model.train()
+
+    def step():
+        with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            _, loss = model(text, inputs, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def profile_step(step, label: str, rows: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    print(f"### profile of one step: {label}\n")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--models", nargs="+", choices=["gpt", "mim"], default=["gpt", "mim"])
+    p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "bf16-autocast"])
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--width", type=int, default=768)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--peak-n", type=int, default=2048, help="matmul size for the float32 peak")
+    p.add_argument("--peak-n-bf16", type=int, default=1024, help="matmul size for the bf16 peak (slow if emulated)")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler's top ops for one step of each")
+    p.add_argument("--profile-rows", type=int, default=14)
+    p.add_argument("--compile", action="store_true", help="also time a torch.compile'd float32 step")
+    args = p.parse_args()
+    setup(args)
+
+    peaks = {"float32": matmul_peak(torch.float32, args.peak_n),
+             "bf16-autocast": matmul_peak(torch.bfloat16, args.peak_n_bf16)}
+    print(f"\nmatmul peak: float32 {peaks['float32'] / 1e9:.1f} GFLOP/s ({args.peak_n}^3), "
+          f"bfloat16 {peaks['bf16-autocast'] / 1e9:.1f} GFLOP/s ({args.peak_n_bf16}^3)\n")
+
+    rows = []
+    for kind in args.models:
+        for dtype_name in args.dtypes + (["float32+compile"] if args.compile else []):
+            torch.manual_seed(args.seed)
+            model = build_generator(kind, layers=args.layers, width=args.width, heads=args.heads,
+                                    image_size=args.image_size)
+            flops, tokens = step_flops(model, args.batch_size)
+            compile_s = None
+            if dtype_name == "float32+compile":
+                model = torch.compile(model)
+                model.config = model._orig_mod.config  # the step closure reads the config
+                step = make_step(model, args.batch_size, None, args.seed)
+                start = time.perf_counter()
+                step()  # compiles
+                compile_s = time.perf_counter() - start
+                peak = peaks["float32"]
+            else:
+                step = make_step(model, args.batch_size, DTYPES[dtype_name], args.seed)
+                peak = peaks[dtype_name]
+            seconds, samples = timed(step, repeats=args.repeats, warmup=args.warmup)
+            achieved = flops / seconds
+            rows.append([f"{kind}_base" if args.layers == 12 and args.width == 768 else kind, dtype_name,
+                         args.batch_size, seconds, tokens / seconds, achieved / 1e9,
+                         f"{100 * achieved / peak:.0f}%", f"{100 * achieved / peaks['float32']:.0f}%",
+                         "" if compile_s is None else f"{compile_s:.0f}"])
+            print(f"{kind} {dtype_name}: {flops / 1e9:.1f} GFLOP/step, steps {[round(s, 2) for s in samples]} s",
+                  flush=True)
+            if args.profile:
+                profile_step(step, f"{kind} {dtype_name} batch {args.batch_size}", args.profile_rows)
+            del model, step
+    print()
+    print_table(["model", "dtype", "batch", "s / step", "tokens/s", "model GFLOP/s", "MFU (same-dtype peak)",
+                 "vs fp32 peak", "compile s"], rows)
+
+
+if __name__ == "__main__":
+    main()

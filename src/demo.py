@@ -1,0 +1,308 @@
+"""`make demo`: the whole pipeline on the built-in dataset, on CPU, in minutes.
+
+    python -m tokenpaint.demo --out demo [--minutes-vqgan M] [--minutes-mim M] [--minutes-gpt M] [--skip-gpt]
+                                         [--seed S] [--num-train N]
+
+Writes the built-in dataset (OUT/data/), trains the demo VQGAN (OUT/vqgan/), the demo masked transformer (OUT/mim/)
+and the demo GPT (OUT/gpt/) with the configs in configs/demo/ and a time budget per stage, then draws a grid of
+samples for DEMO_PROMPTS (English and Chinese) from each generator into OUT/samples.png, the prompt under each image.
+
+Running it again reuses what is there: a stage whose run directory holds a finished model is skipped, a half-finished
+one (checkpoints but no final model) resumes from its latest checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from PIL import Image, ImageDraw, ImageFont
+
+from .data import DEMO_PROMPTS, describe_scene, make_demo_dataset, measure_scene, parse_caption
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "demo"  # the repo's configs/ (editable install)
+DEFAULT_MINUTES = {"vqgan": 2.5, "mim": 4.0, "gpt": 4.0}  # + ~1 min data/caches/sampling + venv: < 15 min in all
+ATTRIBUTES = ("color", "shape", "size", "horizontal", "vertical")
+CELL = 128  # pixels per sample in the grid (32x32 images scaled up, nearest)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# judging a generated image against its prompt (also used by benchmarks/demo_quality.py)
+
+
+def judge(image, prompt: str) -> dict[str, bool]:
+    """Which attributes of `prompt` (parse_caption) the image shows (measure_scene), per attribute, plus
+    "position" (both axes), "match" (colour, shape and position) and "all" (also size). No object = all False."""
+    wanted = parse_caption(prompt)
+    try:
+        seen = measure_scene(image)
+    except ValueError:  # nothing stands out from the background: a miss on every count
+        return {name: False for name in (*ATTRIBUTES, "position", "match", "all")}
+    verdict = {name: getattr(seen, name) == getattr(wanted, name) for name in ATTRIBUTES}
+    verdict["position"] = verdict["horizontal"] and verdict["vertical"]
+    verdict["match"] = verdict["color"] and verdict["shape"] and verdict["position"]
+    verdict["all"] = verdict["match"] and verdict["size"]
+    return verdict
+
+
+def summarize_verdicts(verdicts: Sequence[dict[str, bool]]) -> dict[str, float]:
+    """Fraction of images that pass each check."""
+    if not verdicts:
+        raise ValueError("summarize_verdicts: no verdicts")
+    return {name: sum(v[name] for v in verdicts) / len(verdicts) for name in verdicts[0]}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# stages
+
+
+def stage_state(run_dir: str) -> str:
+    """"done" (a final model is saved), "partial" (checkpoints only: resume) or "new"."""
+    if os.path.isfile(os.path.join(run_dir, "model.safetensors")) and os.path.isfile(
+            os.path.join(run_dir, "config.json")):
+        return "done"
+    if glob.glob(os.path.join(run_dir, "checkpoints", "step_*.pt")):
+        return "partial"
+    return "new"
+
+
+def prepare_data(data_dir: str, num_train: int, num_val: int, seed: int) -> tuple[str, str, str]:
+    """The built-in dataset in data_dir, written once: reused while its parameters are unchanged (rewriting would
+    change the files' mtimes and so invalidate the trained stages' token caches)."""
+    params = {"num_train": num_train, "num_val": num_val, "resolution": 32, "seed": seed}
+    marker = os.path.join(data_dir, "dataset.json")
+    paths = tuple(os.path.join(data_dir, name) for name in ("train.tsv", "val.tsv", "prompts.tsv"))
+    if os.path.isfile(marker) and all(os.path.isfile(p) for p in paths):
+        with open(marker, encoding="utf-8") as f:
+            if json.load(f) == params:
+                return paths
+    paths = make_demo_dataset(data_dir, **params)
+    with open(marker, "w", encoding="utf-8") as f:
+        json.dump(params, f)
+    return paths
+
+
+def run_stage(name: str, run_dir: str, minutes: float, *, data: str, val: str, config: str, seed: int,
+              vqgan_dir: Optional[str] = None) -> str:
+    """Train one stage in-process unless its run directory already holds a finished model. Returns what it did."""
+    from .training.common import TrainOptions
+
+    state = stage_state(run_dir)
+    if state == "done":
+        return "reused"
+    resume = state == "partial"
+    stage = "vqgan" if name == "vqgan" else "transformer"
+    argv = ["train.py", stage, "--data", data, "--val", val, "--out", run_dir, "--max-minutes", str(minutes),
+            "--seed", str(seed)] + ([] if resume else ["--config", config])
+    if vqgan_dir is not None and not resume:
+        argv += ["--vqgan", vqgan_dir]
+    opts = TrainOptions(stage=stage, data=data, val=val, config=None if resume else config, out=run_dir,
+                        max_minutes=minutes, seed=None if resume else seed, resume=resume,
+                        vqgan_dir=None if resume else vqgan_dir, argv=argv)
+    if stage == "vqgan":
+        from .training.vqgan_stage import train_vqgan
+
+        summary = train_vqgan(opts)
+    else:
+        from .training.transformer_stage import train_transformer
+
+        summary = train_transformer(opts)
+    if stage_state(run_dir) != "done":
+        raise RuntimeError(f"{name} stage finished without a model in {run_dir}")
+    return f"{'resumed' if resume else 'trained'} to step {summary['step']}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the sample grid
+
+
+def find_cjk_font() -> Optional[str]:
+    """A TrueType/OpenType font file that covers Chinese, if the system has one."""
+    try:
+        listed = subprocess.run(["fc-list", ":lang=zh", "file"], capture_output=True, text=True, timeout=10).stdout
+        files = [line.split(":")[0].strip() for line in listed.splitlines() if line.strip()]
+    except (OSError, subprocess.SubprocessError):
+        files = []
+    patterns = ("*CJK*", "*Han*Sans*", "*wqy*", "*WenQuanYi*", "*DroidSansFallback*", "*SimHei*", "*simhei*",
+                "*msyh*", "*PingFang*", "*SourceHan*", "*NotoSansSC*", "*ukai*", "*uming*")
+    for root in ("/usr/share/fonts", "/usr/local/share/fonts", os.path.expanduser("~/.fonts"), "/System/Library/Fonts",
+                 "C:/Windows/Fonts"):
+        for pattern in patterns:
+            files += glob.glob(os.path.join(root, "**", pattern), recursive=True)
+    return next((f for f in files if f.lower().endswith((".ttf", ".ttc", ".otf")) and os.path.isfile(f)), None)
+
+
+def is_ascii(text: str) -> bool:
+    return all(ord(c) < 128 for c in text)
+
+
+def label_for(prompt: str, cjk_font: Optional[str]) -> str:
+    """What to print under an image: the prompt, or, for a Chinese prompt without a CJK font, its English rendering
+    (the attributes parse_caption reads, captioned in English) marked "zh:"."""
+    if is_ascii(prompt) or cjk_font is not None:
+        return prompt
+    return "zh: " + describe_scene(parse_caption(prompt), "en")
+
+
+def _font(cjk_font: Optional[str], size: int = 13):
+    if cjk_font is not None:
+        try:
+            return ImageFont.truetype(cjk_font, size)
+        except OSError:
+            pass
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType (DejaVu-like, no CJK glyphs)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    """Greedy line breaking by measured width; CJK text (no spaces) breaks between characters."""
+    units = text.split(" ") if " " in text else list(text)
+    joiner = " " if " " in text else ""
+    lines, line = [], ""
+    for unit in units:
+        candidate = f"{line}{joiner}{unit}" if line else unit
+        if line and font.getlength(candidate) > width:
+            lines.append(line)
+            line = unit
+        else:
+            line = candidate
+    return lines + [line] if line else lines
+
+
+def sample_grid(rows: Sequence[tuple[str, Sequence[Image.Image]]], prompts: Sequence[str],
+                cjk_font: Optional[str] = None, cell: int = CELL) -> Image.Image:
+    """One row of images per (row label, images) pair, one column per prompt, the prompt printed under each column's
+    images and the row label at the left of each row."""
+    font = _font(cjk_font)
+    labels = [_wrap(label_for(p, cjk_font), font, cell - 8) for p in prompts]
+    line_height = int(font.getbbox("Ag")[3]) + 3
+    text_height = max(len(lines) for lines in labels) * line_height + 6
+    margin = 56
+    width = margin + len(prompts) * cell
+    height = len(rows) * (cell + text_height)
+    grid = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (row_label, images) in enumerate(rows):
+        if len(images) != len(prompts):
+            raise ValueError(f"sample_grid: row {row_label!r} has {len(images)} images for {len(prompts)} prompts")
+        top = r * (cell + text_height)
+        draw.text((4, top + cell // 2 - line_height // 2), row_label, fill="black", font=font)
+        for c, (image, lines) in enumerate(zip(images, labels)):
+            left = margin + c * cell
+            grid.paste(image.convert("RGB").resize((cell - 8, cell - 8), Image.NEAREST), (left + 4, top + 4))
+            for i, line in enumerate(lines):
+                draw.text((left + 4, top + cell + i * line_height), line, fill="black", font=font)
+    return grid
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tokenpaint.demo", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--out", default="demo", help="output directory (default: demo)")
+    for stage, minutes in DEFAULT_MINUTES.items():
+        p.add_argument(f"--minutes-{stage}", type=float, default=minutes, metavar="M",
+                       help=f"training budget of the {stage} stage in minutes (default: {minutes})")
+    p.add_argument("--skip-gpt", action="store_true", help="train and sample only the masked transformer")
+    p.add_argument("--seed", type=int, default=0, help="seed of the dataset, the training runs and the samples")
+    p.add_argument("--num-train", type=int, default=4000, help="training rows of the built-in dataset")
+    p.add_argument("--num-val", type=int, default=256, help="validation rows of the built-in dataset")
+    p.add_argument("--images-per-prompt", type=int, default=2, help="sample rows per generator in samples.png")
+    p.add_argument("--config-dir", default=str(CONFIG_DIR), help="where vqgan.yaml, mim.yaml and gpt.yaml live")
+    return p
+
+
+def check_args(args) -> None:
+    for stage in DEFAULT_MINUTES:
+        value = getattr(args, f"minutes_{stage}")
+        if value <= 0:
+            raise ValueError(f"--minutes-{stage} must be positive, got {value}")
+    for flag in ("num_train", "images_per_prompt"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.num_val < 1:
+        raise ValueError(f"--num-val must be >= 1, got {args.num_val}")
+    for name in ("vqgan", "mim", "gpt"):
+        path = os.path.join(args.config_dir, f"{name}.yaml")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--config-dir {args.config_dir}: no {name}.yaml there (the demo configs ship in "
+                                    f"the repository's configs/demo/)")
+
+
+def run_demo(args) -> dict:
+    """Everything `make demo` does; returns {"timings": {stage: seconds}, "samples": path, "scores": {...}}."""
+    check_args(args)
+    from . import Pipeline
+
+    out = args.out
+    os.makedirs(out, exist_ok=True)
+    timings, scores = {}, {}
+
+    def log(stage: str, seconds: float, what: str) -> None:
+        timings[stage] = seconds
+        print(f"[demo] {stage:<8} {seconds:7.1f} s  {what}", flush=True)
+
+    t0 = time.monotonic()
+    train_tsv, val_tsv, _ = prepare_data(os.path.join(out, "data"), args.num_train, args.num_val, args.seed)
+    log("data", time.monotonic() - t0, f"{args.num_train} training rows in {os.path.join(out, 'data')}")
+
+    vqgan_dir = os.path.join(out, "vqgan")
+    kinds = ["mim"] + ([] if args.skip_gpt else ["gpt"])
+    for name in ["vqgan", *kinds]:
+        t0 = time.monotonic()
+        print(f"[demo] {name}: training for up to {getattr(args, f'minutes_{name}')} min -> "
+              f"{os.path.join(out, name)}", flush=True)
+        what = run_stage(name, os.path.join(out, name), getattr(args, f"minutes_{name}"), data=train_tsv,
+                         val=val_tsv, config=os.path.join(args.config_dir, f"{name}.yaml"), seed=args.seed,
+                         vqgan_dir=None if name == "vqgan" else vqgan_dir)
+        log(name, time.monotonic() - t0, f"{what} ({os.path.join(out, name)})")
+
+    t0 = time.monotonic()
+    prompts = list(DEMO_PROMPTS)
+    rows = []
+    for kind in kinds:
+        pipe = Pipeline.from_pretrained(os.path.join(out, kind))
+        images = pipe(prompts, num_images=args.images_per_prompt, seed=args.seed)  # prompt-major
+        verdicts = [judge(image, prompts[i // args.images_per_prompt]) for i, image in enumerate(images)]
+        scores[kind] = summarize_verdicts(verdicts)
+        for j in range(args.images_per_prompt):
+            rows.append((kind, images[j::args.images_per_prompt]))
+    cjk_font = find_cjk_font()
+    samples = os.path.join(out, "samples.png")
+    sample_grid(rows, prompts, cjk_font).save(samples)
+    log("samples", time.monotonic() - t0, f"{len(rows)} rows x {len(prompts)} prompts -> {samples}")
+    if cjk_font is None:
+        print("[demo] no CJK font on this system (fc-list :lang=zh): Chinese prompts are labelled with their English "
+              "rendering, marked 'zh:'", flush=True)
+    for kind, score in scores.items():
+        print(f"[demo] {kind}: {score['match']:.0%} of the samples match their prompt in colour, shape and position "
+              f"(measure_scene; benchmarks/demo_quality.py measures this on held-out prompts)", flush=True)
+    print(f"[demo] done in {sum(timings.values()) / 60:.1f} min: samples in {samples}; try\n"
+          f"  python generate.py --model {os.path.join(out, kinds[0])} --prompt \"a large red circle on the left\" "
+          f"--out-dir {os.path.join(out, 'generated')}", flush=True)
+    return {"timings": timings, "samples": samples, "scores": scores}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run_demo(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

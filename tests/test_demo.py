@@ -1,0 +1,151 @@
+"""`python -m tokenpaint.demo`: judging samples against prompts, the grid, stage reuse/resume, the whole orchestration
+with tiny models (a few optimizer steps each)."""
+import os
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from tokenpaint import demo
+from tokenpaint.data import SceneAttributes, describe_scene, draw_scene
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo")
+
+
+# ----------------------------------------------------------------------------------------------- judging
+
+
+def test_judge_accepts_the_drawn_scene_in_both_languages():
+    attrs = SceneAttributes("blue", "triangle", "large", "right", "top")
+    image = draw_scene(attrs, 32, np.random.default_rng(0))
+    for lang in ("en", "zh"):
+        verdict = demo.judge(image, describe_scene(attrs, lang))
+        assert all(verdict.values()), (lang, verdict)
+
+
+def test_judge_names_the_attribute_that_differs():
+    image = draw_scene(SceneAttributes("red", "circle", "large", "left", "middle"), 32)
+    verdict = demo.judge(image, "a large green circle on the left")
+    assert not verdict["color"] and not verdict["match"] and not verdict["all"]
+    assert verdict["shape"] and verdict["position"] and verdict["size"]
+    size_only = demo.judge(image, "a small red circle on the left")
+    assert size_only["match"] and not size_only["size"] and not size_only["all"]
+
+
+def test_judge_counts_an_empty_image_as_a_miss_on_everything():
+    blank = Image.new("RGB", (32, 32), (238, 238, 232))
+    assert not any(demo.judge(blank, "a large red circle in the center").values())
+
+
+def test_summarize_verdicts_gives_fractions():
+    verdicts = [{"match": True, "color": True}, {"match": False, "color": True}, {"match": False, "color": False},
+                {"match": True, "color": True}]
+    assert demo.summarize_verdicts(verdicts) == {"match": 0.5, "color": 0.75}
+    with pytest.raises(ValueError, match="no verdicts"):
+        demo.summarize_verdicts([])
+
+
+# ----------------------------------------------------------------------------------------------- the grid
+
+
+def test_chinese_labels_fall_back_to_their_english_rendering_without_a_cjk_font():
+    assert demo.label_for("左边一个大的紫色三角形", None) == "zh: a large purple triangle on the left"
+    assert demo.label_for("a small blue square on the left", None) == "a small blue square on the left"
+    assert demo.label_for("左边一个大的紫色三角形", "/some/cjk.ttf") == "左边一个大的紫色三角形"
+
+
+def test_sample_grid_layout_and_bad_rows():
+    prompts = ["a large red circle in the center", "右边一个小的红色三角形", "a small blue square on the left"]
+    images = [draw_scene(demo.parse_caption(p), 32) for p in prompts]
+    grid = demo.sample_grid([("mim", images), ("gpt", images)], prompts, cell=64)
+    assert grid.width == 56 + 3 * 64 and grid.height > 2 * 64
+    # the first image is pasted (scaled up, nearest) inside its cell: its centre shows the red circle
+    assert grid.getpixel((56 + 32, 32))[0] > 180 and grid.getpixel((56 + 32, 32))[1] < 90
+    with pytest.raises(ValueError, match="row 'gpt' has 2 images for 3 prompts"):
+        demo.sample_grid([("mim", images), ("gpt", images[:2])], prompts, cell=64)
+
+
+# ----------------------------------------------------------------------------------------------- stages
+
+
+def test_stage_state(tmp_path):
+    run = tmp_path / "run"
+    assert demo.stage_state(str(run)) == "new"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000010.pt").write_bytes(b"")
+    assert demo.stage_state(str(run)) == "partial"
+    (run / "config.json").write_text("{}")
+    (run / "model.safetensors").write_bytes(b"")
+    assert demo.stage_state(str(run)) == "done"
+
+
+def test_prepare_data_is_written_once_per_parameter_set(tmp_path):
+    paths = demo.prepare_data(str(tmp_path), num_train=6, num_val=2, seed=0)
+    assert [os.path.basename(p) for p in paths] == ["train.tsv", "val.tsv", "prompts.tsv"]
+    mtime = os.stat(paths[0]).st_mtime_ns
+    assert demo.prepare_data(str(tmp_path), num_train=6, num_val=2, seed=0) == paths
+    assert os.stat(paths[0]).st_mtime_ns == mtime  # reused: the token caches keyed on mtime stay valid
+    demo.prepare_data(str(tmp_path), num_train=7, num_val=2, seed=0)
+    with open(paths[0], encoding="utf-8") as f:
+        assert len(f.readlines()) == 7
+
+
+def test_bad_flags_are_named(tmp_path, capsys):
+    assert demo.main(["--out", str(tmp_path), "--minutes-mim", "0"]) == 2
+    assert "--minutes-mim must be positive" in capsys.readouterr().err
+    assert demo.main(["--out", str(tmp_path), "--config-dir", str(tmp_path)]) == 2
+    assert "no vqgan.yaml there" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+
+
+def tiny_configs(directory) -> str:
+    """configs/demo/*.yaml with tiny models and 2 optimizer steps: the demo's orchestration in seconds."""
+    os.makedirs(directory, exist_ok=True)
+    for name in ("vqgan", "mim", "gpt"):
+        with open(os.path.join(CONFIGS, f"{name}.yaml"), encoding="utf-8") as f:
+            cfg = yaml.safe_load(f)
+        if name == "vqgan":
+            cfg["model"].update(embed_dim=8, n_embed=16, codebook_dim=4, ch=32, ch_mult=[1, 1, 1], z_channels=8)
+            cfg["train"].update(batch_size=4, max_steps=2, val_images=4, warmup_steps=1)
+        else:
+            cfg["model"].update(n_layer=1, n_head=2, n_embd=16)
+            cfg["train"].update(batch_size=4, max_steps=2, warmup_steps=1, val_every=1, sample_every=1, ckpt_every=1)
+        with open(os.path.join(directory, f"{name}.yaml"), "w", encoding="utf-8") as f:
+            yaml.safe_dump(cfg, f)
+    return str(directory)
+
+
+def test_demo_end_to_end_then_reuse_then_resume(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["--out", str(out), "--config-dir", tiny_configs(tmp_path / "configs"), "--num-train", "12",
+            "--num-val", "4", "--images-per-prompt", "1", "--seed", "3"]
+    assert demo.main(argv) == 0
+    printed = capsys.readouterr().out
+    for stage in ("data", "vqgan", "mim", "gpt", "samples"):
+        assert f"[demo] {stage}" in printed
+    assert "trained to step 2" in printed
+    for kind in ("vqgan", "mim", "gpt"):
+        assert demo.stage_state(str(out / kind)) == "done"
+    with Image.open(out / "samples.png") as grid:
+        assert grid.width == 56 + len(demo.DEMO_PROMPTS) * demo.CELL
+        assert grid.height > 2 * demo.CELL  # one row per generator
+    assert str(out / "samples.png") in printed
+
+    # again: everything is reused, nothing retrained
+    weights = {kind: os.stat(out / kind / "model.safetensors").st_mtime_ns for kind in ("vqgan", "mim", "gpt")}
+    assert demo.main(argv) == 0
+    assert capsys.readouterr().out.count("reused") == 3
+    assert weights == {kind: os.stat(out / kind / "model.safetensors").st_mtime_ns for kind in weights}
+
+    # a half-finished stage (checkpoints, no final model) resumes instead of starting over
+    os.remove(out / "gpt" / "model.safetensors")
+    assert demo.stage_state(str(out / "gpt")) == "partial"
+    assert demo.main(argv + ["--skip-gpt"]) == 0  # --skip-gpt leaves it alone
+    assert demo.stage_state(str(out / "gpt")) == "partial"
+    capsys.readouterr()
+    assert demo.main(argv) == 0
+    assert "resumed to step 2" in capsys.readouterr().out
+    assert demo.stage_state(str(out / "gpt")) == "done"
