@@ -3,7 +3,7 @@
     python benchmarks/vqgan_speed.py                     # taming f16/16384 at 256x256, batch 1
     python benchmarks/vqgan_speed.py --small --repeats 5  # a tiny config, for a quick check
 
-Prints images/s (encode + decode of the ids) for taming float32, tokenpaint float32 (channels_last, SDPA,
+Prints the median images/s (encode + decode of the ids) for taming float32, tokenpaint float32 (channels_last, SDPA,
 inference_mode) and tokenpaint bfloat16 (cast once), and the PSNR of the bf16 decode against the float32 one
 (same ids, images clamped to [-1, 1], peak-to-peak 2).
 """
@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import io
 import math
+import statistics
 import time
 
 import torch
@@ -52,15 +53,19 @@ def tokenpaint_roundtrip(model, x):
     return model.decode(model.encode(x))
 
 
-def images_per_second(fn, x, repeats: int, warmup: int) -> float:
+def images_per_second(fns: dict, x, repeats: int, warmup: int) -> dict:
+    """Median images/s per candidate; repeats run round-robin so drifting load on a shared machine hits all alike."""
+    times = {name: [] for name in fns}
     with torch.inference_mode():
         for _ in range(warmup):
-            fn(x)
-        start = time.perf_counter()
+            for fn in fns.values():
+                fn(x)
         for _ in range(repeats):
-            fn(x)
-        elapsed = time.perf_counter() - start
-    return repeats * x.shape[0] / elapsed
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                fn(x)
+                times[name].append(time.perf_counter() - start)
+    return {name: x.shape[0] / statistics.median(t) for name, t in times.items()}
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, peak_to_peak: float = 2.0) -> float:
@@ -101,9 +106,12 @@ def main():
         x32, x16 = ours.decode(ids), ours_bf16.decode(ids)
         max_diff = (x32 - taming_roundtrip(taming, x)).abs().max().item()
 
-    t_ips = images_per_second(lambda v: taming_roundtrip(taming, v), x, args.repeats, args.warmup)
-    o_ips = images_per_second(lambda v: tokenpaint_roundtrip(ours, v), x, args.repeats, args.warmup)
-    b_ips = images_per_second(lambda v: tokenpaint_roundtrip(ours_bf16, v), x, args.repeats, args.warmup)
+    ips = images_per_second({
+        "taming float32": lambda v: taming_roundtrip(taming, v),
+        "tokenpaint float32": lambda v: tokenpaint_roundtrip(ours, v),
+        "tokenpaint bfloat16": lambda v: tokenpaint_roundtrip(ours_bf16, v),
+    }, x, args.repeats, args.warmup)
+    t_ips, o_ips, b_ips = ips.values()
     print(f"{'model':<28}{'images/s':>10}{'vs taming':>11}")
     print(f"{'taming float32':<28}{t_ips:>10.3f}{1.0:>10.2f}x")
     print(f"{'tokenpaint float32':<28}{o_ips:>10.3f}{o_ips / t_ips:>10.2f}x")

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import socket
-import sys
 from pathlib import Path
 
 import pytest
@@ -163,6 +162,9 @@ def test_bad_config_key_is_named_with_its_line(env, tmp_path, capsys):
                           "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and "'lr_warmup'" in err and "line" in err and "'train'" in err
+    rc = load_cli().main(["transformer", "--data", env["train"], "--config", write_config(tmp_path / "ok.yaml", "gpt"),
+                          "--out", str(tmp_path / "o")])
+    assert rc == 2 and "--vqgan" in capsys.readouterr().err
     config = write_config(tmp_path / "bad_model.yaml", "mim", model={"n_layers": 2})
     with pytest.raises(ValueError, match="n_layers"):
         train_transformer(options(env, tmp_path / "o2", config))

@@ -13,8 +13,9 @@ from tokenpaint.vqgan.quantize import VectorQuantizer, nearest_code_ids
 # -- config ----------------------------------------------------------------------------------------------------
 def test_default_config_is_taming_f16_16384():
     cfg = VQGANConfig()
-    assert (cfg.embed_dim, cfg.n_embed, cfg.ch, cfg.ch_mult, cfg.num_res_blocks) == (256, 16384, 128, (1, 1, 2, 2, 4), 2)
-    assert (cfg.attn_resolutions, cfg.z_channels, cfg.resolution, cfg.quantizer, cfg.beta) == ((16,), 256, 256, "legacy", 0.25)
+    assert (cfg.embed_dim, cfg.n_embed, cfg.ch, cfg.ch_mult) == (256, 16384, 128, (1, 1, 2, 2, 4))
+    assert (cfg.num_res_blocks, cfg.attn_resolutions, cfg.z_channels, cfg.resolution) == (2, (16,), 256, 256)
+    assert (cfg.quantizer, cfg.beta, cfg.codebook_dim, cfg.dropout) == ("legacy", 0.25, None, 0.0)
     assert cfg.downsample_factor == 16
 
 

@@ -6,6 +6,11 @@ resume, graceful stop, time budget and DDP (global batch = ranks x batch_size x 
 
 Run directory: config.json (with "kind") + model.safetensors, tokenizer.model, vqgan/, train_config.yaml,
 metrics.jsonl, checkpoints/step_XXXXXXXX.pt, samples/sample_XXXXXXXX.png, cache/.
+
+Config: the sections of tokenpaint.transformer.presets (model, tokenizer, train, sample) plus `data` (resolution:
+default the VQGAN's; shuffle) and these train keys: seed, decay_steps (the cosine horizon; default max_steps, so
+a run stopped by --max-steps and resumed keeps its schedule only if this is set), val_batches, sample_images,
+cache_batch_size; `bf16` may be "auto". GPT trains with plain CE; "mim" with label smoothing on masked positions.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from dataclasses import fields
 import torch
 import torch.distributed as dist
 
-from ..data import TextTokenizer, TokenCache, build_token_cache, iter_rows
+from ..data import TextTokenizer, build_token_cache, iter_rows
 from ..data.cache import state_dict_hash, tokenizer_hash
 from ..transformer import (GPT, SAMPLE_DEFAULTS, TRAIN_DEFAULTS, GPTConfig, MaskedTransformer, MaskedTransformerConfig,
                            load_generator, mask_ratio, model_config_from_yaml)

@@ -24,8 +24,8 @@ from ..vqgan.losses import LPIPS, NLayerDiscriminator, adaptive_generator_weight
 from .codebook import CodebookMonitor
 from .common import (EMA, CheckpointManager, GracefulStop, MetricsLogger, ResumableBatches, TimeBudget, TrainOptions,
                      all_reduce_max_flag, capture_rng, check_finite, cleanup_distributed, cosine_lr, is_distributed,
-                     is_main, load_config, progress_bar, restore_rng, resume_command, save_yaml, set_seed,
-                     setup_distributed)
+                     is_main, load_config, progress_bar, resolve_bf16, restore_rng, resume_command, save_yaml,
+                     set_seed, setup_distributed)
 
 LOSS_DEFAULTS = dict(l1_weight=1.0, perceptual_weight=1.0, codebook_weight=1.0, lpips_vgg=None, lpips_lin=None,
                      discriminator=True, disc_start=0, disc_weight=0.75, disc_factor=1.0, disc_num_layers=2,
@@ -211,7 +211,8 @@ def _train(opts: TrainOptions, info, TSVImageText) -> dict:
 
     metrics = MetricsLogger(opts.out, resume_step=step if resume_state is not None else None)
     max_steps, accum = tcfg["max_steps"], tcfg["grad_accum"]
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(tcfg["bf16"]))  # noqa: E731
+    bf16 = resolve_bf16(tcfg["bf16"], device, where=f"{opts.config or ckpts.latest()}: train.bf16")
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
     last_ckpt = ckpts.latest()
     budget = TimeBudget(opts.max_minutes)
     stop_reason, last_val = "max_steps", None
@@ -231,7 +232,7 @@ def _train(opts: TrainOptions, info, TSVImageText) -> dict:
         if ema is not None:
             eval_model = copy.deepcopy(model)
             ema.copy_to(eval_model)
-        result, grid = evaluate(eval_model, val_set, tcfg["batch_size"], tcfg["val_images"], device, tcfg["bf16"])
+        result, grid = evaluate(eval_model, val_set, tcfg["batch_size"], tcfg["val_images"], device, bf16)
         if is_main() and grid is not None:
             save_grid(grid, os.path.join(opts.out, "samples", f"recon_{step:08d}.png"))
         metrics.log(step, **result)
@@ -314,6 +315,8 @@ def _train(opts: TrainOptions, info, TSVImageText) -> dict:
             stop_now = all_reduce_max_flag(stop.requested or budget.expired(), device)
             if stop_now and step < max_steps:
                 stop_reason = stop.signal_name or "time budget"
+                if not stop.requested and val_set is not None and step % tcfg["sample_every"]:
+                    last_val = validate_and_sample()  # the budget ended the run: report the final model
                 break
         bar.close()
         catcher.handle.remove()

@@ -83,7 +83,9 @@ class VQGANConfig:
             dd = dict(params["ddconfig"])
             n_embed, embed_dim = int(params["n_embed"]), int(params["embed_dim"])
         except (KeyError, TypeError) as e:
-            raise ValueError(f"{source}: expected model.params.ddconfig, n_embed and embed_dim ({e!r} missing)") from None
+            raise ValueError(
+                f"{source}: expected model.params.ddconfig, n_embed and embed_dim ({e!r} missing)"
+            ) from None
         fields = {f.name for f in dataclasses.fields(cls)}
         ignored = sorted(set(dd) - fields)
         if ignored:

@@ -108,16 +108,20 @@ def read_torch_checkpoint(path: PathLike, allow_unsafe_pickle: bool = False, map
                 f"object ({refused.group(1)}); unpickling it could run arbitrary code. If you trust the file, pass "
                 f"allow_unsafe_pickle=True (VQGAN.from_pretrained(path, allow_unsafe_pickle=True))."
             ) from None
-        raise CheckpointError(f"{path}: not a readable torch checkpoint (corrupt or not a checkpoint): {_first_line(e)}") from None
+        raise CheckpointError(
+            f"{path}: not a readable torch checkpoint (corrupt, or not a checkpoint): {_first_line(e)}"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
         if isinstance(e, (FileNotFoundError, IsADirectoryError, PermissionError)):
             raise
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint: {_first_line(e) or type(e).__name__}") from None
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint: {_first_line(e)}") from None
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    """The informative line of an exception: torch's weights-only errors bury it after a long preamble."""
+    text = str(e).split("WeightsUnpickler error:")[-1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 def read_safetensors(path: PathLike) -> StateDict:
@@ -229,7 +233,7 @@ def _listing(keys, limit: int = 12) -> str:
 def check_state_dict(expected: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], source: str) -> None:
     """Raise one CheckpointError listing missing keys, unexpected keys and shape mismatches."""
     missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
+    unexpected = sorted(k for k in sd if k not in expected)
     shapes = [
         f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
         for k in expected
@@ -285,7 +289,7 @@ def load_taming_checkpoint(path: PathLike, allow_unsafe_pickle: bool = False):
     path = Path(path)
     sd, n_loss = extract_state_dict(read_torch_checkpoint(path, allow_unsafe_pickle), path)
     if n_loss:
-        logger.warning("%s: set aside %d loss.* weights (LPIPS / discriminator; not needed for inference)", path, n_loss)
+        logger.warning("%s: set aside %d loss.* weights (LPIPS / discriminator; unused for inference)", path, n_loss)
     sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     yaml_path = path.with_name("model.yaml")
     if yaml_path.is_file():

@@ -1,6 +1,7 @@
 """VQGAN: images <-> grids of codebook ids, with taming-transformers' VQModel state-dict keys."""
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional, Tuple, Union
 
@@ -12,6 +13,19 @@ from torch import nn
 from .config import VQGANConfig
 from .modules import Decoder, Encoder
 from .quantize import QuantizeOutput, VectorQuantizer, nearest_code_ids
+
+
+logger = logging.getLogger(__name__)
+
+
+def _cpu_has_fast(dtype: torch.dtype) -> bool:
+    """Whether oneDNN has native kernels for dtype here (AVX512-BF16 / AMX / AVX512-FP16); best effort."""
+    try:
+        if dtype == torch.bfloat16:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return True  # unknown: don't cry wolf
 
 
 class VQGAN(nn.Module):
@@ -90,6 +104,12 @@ class VQGAN(nn.Module):
         """eval(), no grads, and a one-time cast (e.g. torch.bfloat16); autocast would re-cast on every call."""
         self.eval().requires_grad_(False)
         if dtype is not None:
+            on_cpu = self._param().device.type == "cpu"
+            if dtype in (torch.bfloat16, torch.float16) and on_cpu and not _cpu_has_fast(dtype):
+                logger.warning(
+                    "prepare_for_inference(%s): this CPU has no native %s kernels (capability %s); "
+                    "expect it to run slower than float32", dtype, dtype, torch.backends.cpu.get_cpu_capability()
+                )
             self.to(dtype=dtype)
         if channels_last:
             self.to(memory_format=torch.channels_last)
