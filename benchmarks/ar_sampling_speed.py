@@ -17,6 +17,8 @@ bfloat16 cast once (`prepare_for_inference(torch.bfloat16)`) and float32 weights
 re-cast on every call). Uses a smaller image (--dtype-image-size) and one run per variant without warmup
 (--dtype-repeats, --dtype-warmup) to stay within the time budget: each run lasts seconds to a minute, so the
 first-call overhead (milliseconds on CPU) does not matter; the ratio is a per-step one.
+Section "threads": one cached decode step and a 3072-float GELU at 1 thread vs all cores (on an oversubscribed
+machine every multi-threaded op waits for a descheduled worker).
 """
 from __future__ import annotations
 
@@ -147,10 +149,39 @@ def section_dtype(args) -> None:
           f"native bf16 matmul)\n")
 
 
+def section_threads(args) -> None:
+    """One cached decode step (batch 1) and a tiny elementwise op at 1 thread vs --threads threads."""
+    import os
+
+    counts = sorted({1, args.threads, os.cpu_count() or 1})
+    print(f"## threads: one cached decode step at batch 1, {args.layers} layers x {args.width}, threads {counts}\n")
+    model = build_generator("gpt", layers=args.layers, width=args.width, heads=args.heads,
+                            image_size=args.image_size).prepare_for_inference()
+    text = random_text(1)
+    small = torch.randn(1, 1, 4 * args.width)
+    rows = []
+    with torch.inference_mode():
+        _, cache = model.prefill(text)
+        token = torch.zeros(1, dtype=torch.long)
+        pos = model.config.num_image_tokens // 2
+
+        def step():
+            cache.index = model.config.text_len + pos  # re-run the step at the middle image position
+            model.decode_step(token, pos, cache)
+
+        for n in counts:
+            torch.set_num_threads(n)
+            t_step, _ = timed(step, repeats=5, warmup=2)
+            t_gelu, _ = timed(lambda: torch.nn.functional.gelu(small), repeats=50, warmup=5)
+            rows.append([n, t_step * 1e3, t_gelu * 1e3])
+    torch.set_num_threads(args.threads)
+    print_table(["threads", "decode step ms", f"gelu on {4 * args.width} floats ms"], rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
-    p.add_argument("--section", choices=["all", "cache", "dtype"], default="all")
+    p.add_argument("--section", choices=["all", "cache", "dtype", "threads"], default="all")
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--width", type=int, default=768)
     p.add_argument("--heads", type=int, default=12)
@@ -172,6 +203,8 @@ def main() -> None:
         section_cache(args)
     if args.section in ("all", "dtype"):
         section_dtype(args)
+    if args.section in ("all", "threads"):
+        section_threads(args)
 
 
 if __name__ == "__main__":

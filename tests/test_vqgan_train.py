@@ -135,6 +135,16 @@ def test_sigterm_saves_exits_zero_and_resume_matches(data, tmp_path):
     assert_same_run(out, tmp_path / "straight")
 
 
+def test_time_budget_stops_cleanly_validates_and_saves(data, tmp_path):
+    config = write_config(tmp_path / "cfg.yaml", disc=False)
+    out = tmp_path / "run"
+    summary = train_vqgan(opts(data, config, out, val=data[1], max_steps=10_000, max_minutes=1e-4))
+    assert summary["stopped"] == "time budget" and 1 <= summary["step"] < 10_000
+    assert CheckpointManager.load(summary["checkpoint"])["step"] == summary["step"]
+    assert [m["step"] for m in read_metrics(out) if "val_psnr" in m] == [summary["step"]]
+    VQGAN.from_pretrained(str(out))
+
+
 def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(data, tmp_path, monkeypatch):
     class NaNAtFifthStep(VQGAN):
         calls = 0
