@@ -14,7 +14,6 @@ from .config import VQGANConfig
 from .modules import Decoder, Encoder
 from .quantize import QuantizeOutput, VectorQuantizer, nearest_code_ids
 
-
 logger = logging.getLogger(__name__)
 
 
@@ -29,6 +28,12 @@ def _cpu_has_fast(dtype: torch.dtype) -> bool:
 
 
 class VQGAN(nn.Module):
+    """encoder -> quant_conv -> quantize (nearest code) -> post_quant_conv -> decoder.
+
+    `model.quantize(z)` returns a QuantizeOutput (the quantizer module's forward); images are float [B,3,H,W] in
+    [-1,1], ids long [B,H/f,W/f]. Call prepare_for_inference() once before heavy inference.
+    """
+
     def __init__(self, config: Optional[VQGANConfig] = None):
         super().__init__()
         self.config = config = config if config is not None else VQGANConfig()
