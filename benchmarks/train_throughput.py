@@ -9,7 +9,8 @@ Model FLOPs per step (nanoGPT's estimate, backward = 2x forward): 6 * (trunk par
 * image tokens) * batch + 12 * layers * seq^2 * width * batch (attention scores and values, no causal discount).
 tokens/s counts sequence tokens (text + image). The peak is an n x n matmul in the same dtype, timed in this run;
 "MFU" = model FLOP/s / that peak (bf16 is also shown against the float32 peak: on a CPU without native bf16 matmul
-the bf16 "peak" is far below the float32 one).
+the bf16 "peak" is far below the float32 one). bf16 runs at --bf16-layers / --bf16-batch-size (default 2 layers,
+batch 1: emulated bf16 is slow), next to a float32 run of that same shape.
 """
 from __future__ import annotations
 
@@ -77,6 +78,8 @@ def main() -> None:
     p.add_argument("--width", type=int, default=768)
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--bf16-layers", type=int, default=2, help="depth for the bf16 runs (0 = --layers)")
+    p.add_argument("--bf16-batch-size", type=int, default=1, help="batch for the bf16 runs (0 = --batch-size)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--peak-n", type=int, default=2048, help="matmul size for the float32 peak")
@@ -92,35 +95,45 @@ def main() -> None:
     print(f"\nmatmul peak: float32 {peaks['float32'] / 1e9:.1f} GFLOP/s ({args.peak_n}^3), "
           f"bfloat16 {peaks['bf16-autocast'] / 1e9:.1f} GFLOP/s ({args.peak_n_bf16}^3)\n")
 
+    # (dtype, layers, batch): bf16 is emulated on CPUs without avx512_bf16, so by default it runs at a reduced
+    # depth and batch, next to float32 at the same reduced shape for a like-for-like ratio
+    runs = [(d, args.layers, args.batch_size) for d in args.dtypes if d == "float32"]
+    if "bf16-autocast" in args.dtypes:
+        small = (args.bf16_layers or args.layers, args.bf16_batch_size or args.batch_size)
+        if small != (args.layers, args.batch_size) and "float32" in args.dtypes:
+            runs.append(("float32", *small))
+        runs.append(("bf16-autocast", *small))
+    if args.compile:
+        runs.append(("float32+compile", args.layers, args.batch_size))
     rows = []
     for kind in args.models:
-        for dtype_name in args.dtypes + (["float32+compile"] if args.compile else []):
+        for dtype_name, layers, batch in runs:
             torch.manual_seed(args.seed)
-            model = build_generator(kind, layers=args.layers, width=args.width, heads=args.heads,
+            model = build_generator(kind, layers=layers, width=args.width, heads=args.heads,
                                     image_size=args.image_size)
-            flops, tokens = step_flops(model, args.batch_size)
+            flops, tokens = step_flops(model, batch)
             compile_s = None
             if dtype_name == "float32+compile":
                 model = torch.compile(model)
                 model.config = model._orig_mod.config  # the step closure reads the config
-                step = make_step(model, args.batch_size, None, args.seed)
+                step = make_step(model, batch, None, args.seed)
                 start = time.perf_counter()
                 step()  # compiles
                 compile_s = time.perf_counter() - start
                 peak = peaks["float32"]
             else:
-                step = make_step(model, args.batch_size, DTYPES[dtype_name], args.seed)
+                step = make_step(model, batch, DTYPES[dtype_name], args.seed)
                 peak = peaks[dtype_name]
             seconds, samples = timed(step, repeats=args.repeats, warmup=args.warmup)
             achieved = flops / seconds
-            rows.append([f"{kind}_base" if args.layers == 12 and args.width == 768 else kind, dtype_name,
-                         args.batch_size, seconds, tokens / seconds, achieved / 1e9,
+            name = f"{kind}_base" if layers == 12 and args.width == 768 else f"{kind} {layers}x{args.width}"
+            rows.append([name, dtype_name, batch, seconds, tokens / seconds, achieved / 1e9,
                          f"{100 * achieved / peak:.0f}%", f"{100 * achieved / peaks['float32']:.0f}%",
                          "" if compile_s is None else f"{compile_s:.0f}"])
-            print(f"{kind} {dtype_name}: {flops / 1e9:.1f} GFLOP/step, steps {[round(s, 2) for s in samples]} s",
+            print(f"{kind} {layers} layers {dtype_name} batch {batch}: {flops / 1e9:.1f} GFLOP/step, steps {[round(s, 2) for s in samples]} s",
                   flush=True)
             if args.profile:
-                profile_step(step, f"{kind} {dtype_name} batch {args.batch_size}", args.profile_rows)
+                profile_step(step, f"{kind} {layers} layers {dtype_name} batch {batch}", args.profile_rows)
             del model, step
     print()
     print_table(["model", "dtype", "batch", "s / step", "tokens/s", "model GFLOP/s", "MFU (same-dtype peak)",

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from tokenpaint.vqgan import VQGAN, VQGANConfig
+from tokenpaint.vqgan import VQGANConfig
 from tokenpaint.vqgan.io import build_from_state_dict
 
 

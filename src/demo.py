@@ -24,12 +24,19 @@ from typing import Optional, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .data import DEMO_PROMPTS, describe_scene, make_demo_dataset, measure_scene, parse_caption
+from .data import (DEMO_PROMPTS, DEMO_VOCAB_SIZE, TextTokenizer, describe_scene, iter_rows, make_demo_dataset,
+                   measure_scene, parse_caption)
+from .data.demo import COLOR_ZH, SHAPE_ZH, SIZE_ZH
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "demo"  # the repo's configs/ (editable install)
 DEFAULT_MINUTES = {"vqgan": 2.5, "mim": 4.0, "gpt": 4.0}  # + ~1 min data/caches/sampling + venv: < 15 min in all
 ATTRIBUTES = ("color", "shape", "size", "horizontal", "vertical")
 CELL = 128  # pixels per sample in the grid (32x32 images scaled up, nearest)
+# Chinese has no spaces to stop BPE merges: at vocab 400 they fused whole phrases ("色圆形", "一个小的橙") while
+# English colour words fell apart ("g re en"). Declaring the demo's Chinese words as user-defined pieces makes every
+# content word one piece in both languages (captions <= 11 ids), as the conditioning learns fastest with word-level ids.
+DEMO_ZH_WORDS = (*COLOR_ZH.values(), *SHAPE_ZH.values(), *SIZE_ZH.values(), "中间", "左", "右", "上", "下", "边", "角",
+                 "一个", "画面", "有", "在")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -82,14 +89,30 @@ def prepare_data(data_dir: str, num_train: int, num_val: int, seed: int) -> tupl
         with open(marker, encoding="utf-8") as f:
             if json.load(f) == params:
                 return paths
+    stale_tokenizer = os.path.join(data_dir, "tokenizer.model")
+    if os.path.isfile(stale_tokenizer):  # trained on the captions being replaced
+        os.remove(stale_tokenizer)
     paths = make_demo_dataset(data_dir, **params)
     with open(marker, "w", encoding="utf-8") as f:
         json.dump(params, f)
     return paths
 
 
+def prepare_tokenizer(train_tsv: str, path: str) -> str:
+    """The demo's caption tokenizer (word-level pieces in English and Chinese), trained once; both generators use it."""
+    if not os.path.isfile(path):
+        prefix = os.path.join(os.path.dirname(path), "spm", "tokenizer")
+        trained = TextTokenizer.train((row.text for row in iter_rows(train_tsv)), prefix, vocab_size=DEMO_VOCAB_SIZE,
+                                      user_defined_symbols=list(DEMO_ZH_WORDS))
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(trained.model_file, "rb") as src, open(tmp, "wb") as dst:
+            dst.write(src.read())
+        os.replace(tmp, path)  # atomic: a half-written tokenizer is never reused
+    return path
+
+
 def run_stage(name: str, run_dir: str, minutes: float, *, data: str, val: str, config: str, seed: int,
-              vqgan_dir: Optional[str] = None) -> str:
+              vqgan_dir: Optional[str] = None, tokenizer: Optional[str] = None) -> str:
     """Train one stage in-process unless its run directory already holds a finished model. Returns what it did."""
     from .training.common import TrainOptions
 
@@ -101,10 +124,10 @@ def run_stage(name: str, run_dir: str, minutes: float, *, data: str, val: str, c
     argv = ["train.py", stage, "--data", data, "--val", val, "--out", run_dir, "--max-minutes", str(minutes),
             "--seed", str(seed)] + ([] if resume else ["--config", config])
     if vqgan_dir is not None and not resume:
-        argv += ["--vqgan", vqgan_dir]
+        argv += ["--vqgan", vqgan_dir] + (["--tokenizer", tokenizer] if tokenizer else [])
     opts = TrainOptions(stage=stage, data=data, val=val, config=None if resume else config, out=run_dir,
                         max_minutes=minutes, seed=None if resume else seed, resume=resume,
-                        vqgan_dir=None if resume else vqgan_dir, argv=argv)
+                        vqgan_dir=None if resume else vqgan_dir, tokenizer=None if resume else tokenizer, argv=argv)
     if stage == "vqgan":
         from .training.vqgan_stage import train_vqgan
 
@@ -255,6 +278,7 @@ def run_demo(args) -> dict:
 
     t0 = time.monotonic()
     train_tsv, val_tsv, _ = prepare_data(os.path.join(out, "data"), args.num_train, args.num_val, args.seed)
+    tokenizer = prepare_tokenizer(train_tsv, os.path.join(out, "data", "tokenizer.model"))
     log("data", time.monotonic() - t0, f"{args.num_train} training rows in {os.path.join(out, 'data')}")
 
     vqgan_dir = os.path.join(out, "vqgan")
@@ -265,7 +289,8 @@ def run_demo(args) -> dict:
               f"{os.path.join(out, name)}", flush=True)
         what = run_stage(name, os.path.join(out, name), getattr(args, f"minutes_{name}"), data=train_tsv,
                          val=val_tsv, config=os.path.join(args.config_dir, f"{name}.yaml"), seed=args.seed,
-                         vqgan_dir=None if name == "vqgan" else vqgan_dir)
+                         vqgan_dir=None if name == "vqgan" else vqgan_dir,
+                         tokenizer=None if name == "vqgan" else tokenizer)
         log(name, time.monotonic() - t0, f"{what} ({os.path.join(out, name)})")
 
     t0 = time.monotonic()

@@ -91,6 +91,19 @@ def test_prepare_data_is_written_once_per_parameter_set(tmp_path):
         assert len(f.readlines()) == 7
 
 
+def test_demo_tokenizer_makes_content_words_single_pieces(tmp_path):
+    train_tsv = demo.prepare_data(str(tmp_path), num_train=400, num_val=2, seed=0)[0]
+    path = demo.prepare_tokenizer(train_tsv, str(tmp_path / "tokenizer.model"))
+    tokenizer = demo.TextTokenizer(path)
+    assert tokenizer.pieces("一个小的橙色正方形在右下角") == ["▁", "一个", "小的", "橙色", "正方形", "在", "右", "下", "角"]
+    assert tokenizer.pieces("a small green triangle at the top") == ["▁a", "▁small", "▁green", "▁triangle", "▁at",
+                                                                      "▁the", "▁top"]
+    mtime = os.stat(path).st_mtime_ns
+    assert demo.prepare_tokenizer(train_tsv, path) == path and os.stat(path).st_mtime_ns == mtime  # trained once
+    demo.prepare_data(str(tmp_path), num_train=401, num_val=2, seed=0)  # new captions: the tokenizer is dropped
+    assert not os.path.exists(path)
+
+
 def test_bad_flags_are_named(tmp_path, capsys):
     assert demo.main(["--out", str(tmp_path), "--minutes-mim", "0"]) == 2
     assert "--minutes-mim must be positive" in capsys.readouterr().err

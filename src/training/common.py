@@ -5,6 +5,7 @@ budget, NaN guard, LR schedule, distributed setup, weight EMA and an exactly-res
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+
+from ..utils import atomic_write, atomic_write_bytes  # noqa: F401  (re-exported)
 
 # ----------------------------------------------------------------------------- options
 
@@ -144,29 +147,6 @@ def _plain(obj: Any) -> Any:
 # ----------------------------------------------------------------------------- atomic files and checkpoints
 
 
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
 class CheckpointManager:
     """`DIR/step_XXXXXXXX.pt` files written atomically (temp file, fsync, os.replace); keeps the last `keep_last`.
 
@@ -202,13 +182,7 @@ class CheckpointManager:
     def save(self, state: dict, step: int) -> str:
         os.makedirs(self.directory, exist_ok=True)
         path = self.path_for(step)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(self.directory)
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
         for _, old in self.list()[: -self.keep_last]:
             os.remove(old)
         return path
@@ -225,6 +199,29 @@ class CheckpointManager:
         if not isinstance(state, dict) or "step" not in state:
             raise ValueError(f"checkpoint {path} is not a training checkpoint (no 'step' entry)")
         return state
+
+
+def start_or_resume(opts: TrainOptions, ckpts: CheckpointManager, resolve) -> tuple[dict, dict | None]:
+    """(config, resume_state). With --resume: the latest checkpoint and the config stored in it (--max-steps may
+    change, --batch-size may not). Otherwise `resolve()` builds the config, and --out must not hold a run yet."""
+    if opts.resume:
+        latest = ckpts.latest()
+        if latest is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {ckpts.directory} to resume from")
+        state = CheckpointManager.load(latest)
+        cfg = copy.deepcopy(state["config"])
+        if opts.max_steps is not None:
+            cfg["train"]["max_steps"] = opts.max_steps
+        if opts.batch_size is not None and opts.batch_size != cfg["train"]["batch_size"]:
+            raise ValueError(f"--batch-size {opts.batch_size} differs from the run being resumed "
+                             f"({cfg['train']['batch_size']}); resume with the same batch size")
+        return cfg, state
+    if opts.config is None:
+        raise ValueError("--config is required (unless --resume)")
+    if ckpts.latest() is not None:
+        raise ValueError(f"{opts.out} already holds a run ({ckpts.latest()}); pass --resume to continue it "
+                         f"or choose another --out")
+    return resolve(), None
 
 
 # ----------------------------------------------------------------------------- RNG, seeds

@@ -15,7 +15,6 @@ cache_batch_size; `bf16` may be "auto". GPT trains with plain CE; "mim" with lab
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import sys
 import time
@@ -33,7 +32,8 @@ from ..transformer.presets import TOKENIZER_DEFAULTS
 from ..vqgan import VQGAN
 from .common import (CheckpointManager, GracefulStop, MetricsLogger, TimeBudget, TrainOptions, all_reduce_max_flag,
                      capture_rng, check_finite, cleanup_distributed, cosine_lr, is_distributed, is_main, load_config,
-                     progress_bar, resolve_bf16, restore_rng, resume_command, save_yaml, set_seed, setup_distributed)
+                     progress_bar, resolve_bf16, restore_rng, resume_command, save_yaml, set_seed, setup_distributed,
+                     start_or_resume)
 from .transformer_data import GlobalBatches, corrupt, rank_rows, summed_cross_entropy
 from .transformer_samples import sample_grid, validation_loss
 
@@ -165,28 +165,13 @@ def _token_caches(opts, vqgan, tokenizer, resolution, text_len, batch_size, imag
 def _train(opts: TrainOptions, info) -> dict:
     device, rank, world = info.device, info.rank, info.world_size
     ckpts = CheckpointManager(os.path.join(opts.out, "checkpoints"))
-    resume_state = None
-    if opts.resume:
+    cfg, resume_state = start_or_resume(opts, ckpts, lambda: resolve_config(opts))
+    if resume_state is not None:
         latest = ckpts.latest()
-        if latest is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {ckpts.directory} to resume from")
-        resume_state = CheckpointManager.load(latest)
-        cfg = copy.deepcopy(resume_state["config"])
-        if opts.max_steps is not None:
-            cfg["train"]["max_steps"] = opts.max_steps
-        if opts.batch_size is not None and opts.batch_size != cfg["train"]["batch_size"]:
-            raise ValueError(f"--batch-size {opts.batch_size} differs from the run being resumed "
-                             f"({cfg['train']['batch_size']}); resume with the same batch size")
         vqgan = VQGAN.from_pretrained(os.path.join(opts.out, "vqgan"))
         tokenizer = TextTokenizer(os.path.join(opts.out, "tokenizer.model"))
         model_config = MODEL_CLASSES[cfg["model"]["kind"]].config_class.from_dict(cfg["model"], source=latest)
     else:
-        if opts.config is None:
-            raise ValueError("--config is required (unless --resume)")
-        if ckpts.latest() is not None:
-            raise ValueError(f"{opts.out} already holds a run ({ckpts.latest()}); pass --resume to continue it "
-                             f"or choose another --out")
-        cfg = resolve_config(opts)
         os.makedirs(opts.out, exist_ok=True)
         vqgan, tokenizer = _load_vqgan_and_tokenizer(opts, cfg)
         resolution = cfg["data"]["resolution"] or vqgan.config.resolution

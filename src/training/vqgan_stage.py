@@ -15,7 +15,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image
 
@@ -25,7 +24,7 @@ from .codebook import CodebookMonitor
 from .common import (EMA, CheckpointManager, GracefulStop, MetricsLogger, ResumableBatches, TimeBudget, TrainOptions,
                      all_reduce_max_flag, capture_rng, check_finite, cleanup_distributed, cosine_lr, is_distributed,
                      is_main, load_config, progress_bar, resolve_bf16, restore_rng, resume_command, save_yaml,
-                     set_seed, setup_distributed)
+                     set_seed, setup_distributed, start_or_resume)
 
 LOSS_DEFAULTS = dict(l1_weight=1.0, perceptual_weight=1.0, codebook_weight=1.0, lpips_vgg=None, lpips_lin=None,
                      discriminator=True, disc_start=0, disc_weight=0.75, disc_factor=1.0, disc_num_layers=2,
@@ -146,25 +145,7 @@ def train_vqgan(opts: TrainOptions) -> dict:
 def _train(opts: TrainOptions, info, TSVImageText) -> dict:
     device = info.device
     ckpts = CheckpointManager(os.path.join(opts.out, "checkpoints"), keep_last=1)
-    resume_state = None
-    if opts.resume:
-        latest = ckpts.latest()
-        if latest is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {ckpts.directory} to resume from")
-        resume_state = CheckpointManager.load(latest)
-        cfg = copy.deepcopy(resume_state["config"])
-        if opts.max_steps is not None:
-            cfg["train"]["max_steps"] = opts.max_steps
-        if opts.batch_size is not None and opts.batch_size != cfg["train"]["batch_size"]:
-            raise ValueError(f"--batch-size {opts.batch_size} differs from the run being resumed "
-                             f"({cfg['train']['batch_size']}); resume with the same batch size")
-    else:
-        if opts.config is None:
-            raise ValueError("--config is required (unless --resume)")
-        if ckpts.latest() is not None:
-            raise ValueError(f"{opts.out} already holds a run ({ckpts.latest()}); pass --resume to continue it "
-                             f"or choose another --out")
-        cfg = resolve_config(opts, info.world_size)
+    cfg, resume_state = start_or_resume(opts, ckpts, lambda: resolve_config(opts, info.world_size))
     mcfg, lcfg, tcfg, dcfg = cfg["model"], cfg["loss"], cfg["train"], cfg["data"]
     ckpts.keep_last = tcfg["keep_checkpoints"]
     if tcfg["grad_accum"] < 1:

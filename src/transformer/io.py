@@ -3,29 +3,18 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Union
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..utils import atomic_write
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 PathLike = Union[str, os.PathLike]
 
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_generator(model, directory: PathLike) -> Path:
@@ -41,8 +30,8 @@ def save_generator(model, directory: PathLike) -> Path:
             json.dump(config, f, indent=2)
             f.write("\n")
 
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME, write_config)
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_NAME, write_config)
     return directory
 
 

@@ -11,16 +11,16 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 import types
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Tuple, Union
+from typing import Dict, Mapping, Tuple, Union
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import VQGANConfig
+from ..utils import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -41,27 +41,15 @@ class UnsafeCheckpointError(CheckpointError):
 # ---------------------------------------------------------------------------------------------------------------
 # saving
 # ---------------------------------------------------------------------------------------------------------------
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then os.replace, so a crash never leaves a half-written file under the final name."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
 
 def save_vqgan(model, directory: PathLike) -> None:
     """directory/config.json + directory/model.safetensors (tensors stored contiguous, in the model's dtype)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(model.config.to_dict(), indent=2) + "\n"
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
