@@ -3,9 +3,10 @@
     python -m tokenpaint.demo --out demo [--minutes-vqgan M] [--minutes-mim M] [--minutes-gpt M] [--skip-gpt]
                                          [--seed S] [--num-train N]
 
-Writes the built-in dataset (OUT/data/), trains the demo VQGAN (OUT/vqgan/), the demo masked transformer (OUT/mim/)
-and the demo GPT (OUT/gpt/) with the configs in configs/demo/ and a time budget per stage, then draws a grid of
-samples for DEMO_PROMPTS (English and Chinese) from each generator into OUT/samples.png, the prompt under each image.
+Writes the built-in dataset and a word-level caption tokenizer (OUT/data/), trains the demo VQGAN (OUT/vqgan/), the
+demo masked transformer (OUT/mim/) and the demo GPT (OUT/gpt/) with the configs in configs/demo/ and a time budget per
+stage, then draws a grid of samples for DEMO_PROMPTS (English and Chinese) from each generator into OUT/samples.png,
+the prompt under each image (Chinese prompts in their English rendering, marked "zh:", when no CJK font is found).
 
 Running it again reuses what is there: a stage whose run directory holds a finished model is skipped, a half-finished
 one (checkpoints but no final model) resumes from its latest checkpoint.
@@ -29,7 +30,7 @@ from .data import (DEMO_PROMPTS, DEMO_VOCAB_SIZE, TextTokenizer, describe_scene,
 from .data.demo import COLOR_ZH, SHAPE_ZH, SIZE_ZH
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "demo"  # the repo's configs/ (editable install)
-DEFAULT_MINUTES = {"vqgan": 2.5, "mim": 4.0, "gpt": 4.0}  # + ~1 min data/caches/sampling + venv: < 15 min in all
+DEFAULT_MINUTES = {"vqgan": 4.0, "mim": 3.0, "gpt": 3.0}  # + data, caches, sampling (~1-2 min) + venv: < 15 min
 ATTRIBUTES = ("color", "shape", "size", "horizontal", "vertical")
 CELL = 128  # pixels per sample in the grid (32x32 images scaled up, nearest)
 # Chinese has no spaces to stop BPE merges: at vocab 400 they fused whole phrases ("色圆形", "一个小的橙") while
