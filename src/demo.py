@@ -278,7 +278,13 @@ def run_demo(args) -> dict:
         print(f"[demo] {stage:<8} {seconds:7.1f} s  {what}", flush=True)
 
     t0 = time.monotonic()
+    marker = os.path.join(out, "data", "dataset.json")
+    before = os.stat(marker).st_mtime_ns if os.path.isfile(marker) else None
     train_tsv, val_tsv, _ = prepare_data(os.path.join(out, "data"), args.num_train, args.num_val, args.seed)
+    trained = [name for name in ("vqgan", "mim", "gpt") if stage_state(os.path.join(out, name)) != "new"]
+    if before is not None and os.stat(marker).st_mtime_ns != before and trained:
+        print(f"[demo] note: the dataset changed (--num-train/--num-val/--seed) but {', '.join(trained)} in {out} "
+              f"were trained on the old one and are reused; `make clean-demo` (rm -rf {out}) starts over", flush=True)
     tokenizer = prepare_tokenizer(train_tsv, os.path.join(out, "data", "tokenizer.model"))
     log("data", time.monotonic() - t0, f"{args.num_train} training rows in {os.path.join(out, 'data')}")
 
