@@ -7,14 +7,6 @@ from tokenpaint.transformer import GPT, GPTConfig, KVCache
 TEXT_VOCAB, TEXT_LEN, CODES, SIDE = 40, 6, 24, 4  # N = 16 image tokens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from threads; on a shared 2-core machine two threads ran 7x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def tiny_gpt(seed=0, **overrides) -> GPT:
     torch.manual_seed(seed)

@@ -33,14 +33,6 @@ def load_cli():
     return module
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # 2 shared cores: intra-op threads only add contention for models this small
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):

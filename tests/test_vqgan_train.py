@@ -25,14 +25,6 @@ TINY_MODEL = dict(embed_dim=16, n_embed=32, quantizer="l2", codebook_dim=4, ch=3
                   attn_resolutions=[], z_channels=32, resolution=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Deterministic kernels and same results in subprocesses (OMP_NUM_THREADS=1); also far faster on a busy box.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):

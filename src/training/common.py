@@ -224,6 +224,19 @@ def start_or_resume(opts: TrainOptions, ckpts: CheckpointManager, resolve) -> tu
     return resolve(), None
 
 
+def report_finish(opts: TrainOptions, step: int, max_steps: int, stop_reason: str, checkpoint: str | None,
+                  bad_rows: int) -> None:
+    """The closing lines of a run (rank 0): where it was saved, how to resume an early stop, skipped bad rows."""
+    if not is_main():
+        return
+    print(f"saved {opts.out} (step {step}); checkpoint: {checkpoint}", file=sys.stderr)
+    if stop_reason != "max_steps":
+        print(f"stopped at step {step}/{max_steps} ({stop_reason}); checkpoint: {checkpoint}\n"
+              f"resume with: {resume_command(opts)}", file=sys.stderr, flush=True)
+    if opts.bad_rows == "skip":
+        print(f"bad rows skipped: {bad_rows} ({opts.data})", file=sys.stderr)
+
+
 # ----------------------------------------------------------------------------- RNG, seeds
 
 

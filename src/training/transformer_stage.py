@@ -32,8 +32,8 @@ from ..transformer.presets import TOKENIZER_DEFAULTS
 from ..vqgan import VQGAN
 from .common import (CheckpointManager, GracefulStop, MetricsLogger, TimeBudget, TrainOptions, all_reduce_max_flag,
                      capture_rng, check_finite, cleanup_distributed, cosine_lr, is_distributed, is_main, load_config,
-                     progress_bar, resolve_bf16, restore_rng, resume_command, save_yaml, set_seed, setup_distributed,
-                     start_or_resume)
+                     progress_bar, resolve_bf16, restore_rng, save_yaml, set_seed, setup_distributed,
+                     report_finish, start_or_resume)
 from .transformer_data import GlobalBatches, corrupt, rank_rows, summed_cross_entropy
 from .transformer_samples import sample_grid, validation_loss
 
@@ -303,13 +303,7 @@ def _train(opts: TrainOptions, info) -> dict:
     metrics.close()
 
     bad = caches["train"].meta.get("bad_rows_skipped", 0)
-    if is_main():
-        print(f"saved {opts.out} (step {step}); checkpoint: {last_ckpt}", file=sys.stderr)
-        if stop_reason != "max_steps":
-            print(f"stopped at step {step}/{max_steps} ({stop_reason}); checkpoint: {last_ckpt}\n"
-                  f"resume with: {resume_command(opts)}", file=sys.stderr, flush=True)
-        if opts.bad_rows == "skip":
-            print(f"bad rows skipped: {bad} ({opts.data})", file=sys.stderr)
+    report_finish(opts, step, max_steps, stop_reason, last_ckpt, bad)
     return {"step": step, "max_steps": max_steps, "stopped": stop_reason, "checkpoint": last_ckpt, "kind": kind,
             "losses": losses, "val_loss": last_val, "cache_reused": {k: c.reused for k, c in caches.items()},
             "bad_rows_skipped": bad, "out": opts.out}

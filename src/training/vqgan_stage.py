@@ -23,8 +23,8 @@ from ..vqgan.losses import LPIPS, NLayerDiscriminator, adaptive_generator_weight
 from .codebook import CodebookMonitor
 from .common import (EMA, CheckpointManager, GracefulStop, MetricsLogger, ResumableBatches, TimeBudget, TrainOptions,
                      all_reduce_max_flag, capture_rng, check_finite, cleanup_distributed, cosine_lr, is_distributed,
-                     is_main, load_config, progress_bar, resolve_bf16, restore_rng, resume_command, save_yaml,
-                     set_seed, setup_distributed, start_or_resume)
+                     is_main, load_config, progress_bar, resolve_bf16, restore_rng, save_yaml,
+                     report_finish, set_seed, setup_distributed, start_or_resume)
 
 LOSS_DEFAULTS = dict(l1_weight=1.0, perceptual_weight=1.0, codebook_weight=1.0, lpips_vgg=None, lpips_lin=None,
                      discriminator=True, disc_start=0, disc_weight=0.75, disc_factor=1.0, disc_num_layers=2,
@@ -311,13 +311,7 @@ def _train(opts: TrainOptions, info, TSVImageText) -> dict:
     metrics.close()
 
     bad = batches.bad_rows_skipped
-    if is_main():
-        print(f"saved {opts.out} (step {step}); checkpoint: {last_ckpt}", file=sys.stderr)
-        if stop_reason != "max_steps":
-            print(f"stopped at step {step}/{max_steps} ({stop_reason}); checkpoint: {last_ckpt}\n"
-                  f"resume with: {resume_command(opts)}", file=sys.stderr, flush=True)
-        if opts.bad_rows == "skip":
-            print(f"bad rows skipped: {bad} ({opts.data})", file=sys.stderr)
+    report_finish(opts, step, max_steps, stop_reason, last_ckpt, bad)
     return {"step": step, "max_steps": max_steps, "stopped": stop_reason, "checkpoint": last_ckpt,
             "val": last_val, "bad_rows_skipped": bad, "out": opts.out}
 
