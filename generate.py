@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="store_true", help="also write grid.png (a row per prompt)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="cast the generator once")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: all cores)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the generator first (pays off for many images on a GPU; see benchmarks/)")
     return p
 
 
@@ -66,6 +69,8 @@ def check_args(parser: argparse.ArgumentParser, args) -> tuple[list[tuple[str, s
 
         if not torch.cuda.is_available():
             parser.error(f"--device {args.device}: CUDA is not available on this machine")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     editing = [flag for flag, value in (("--mask", args.mask), ("--edit-mode", args.edit_mode)) if value]
     if editing and not args.init_image:
         parser.error(f"{editing[0]} needs --init-image")
@@ -98,7 +103,13 @@ def main(argv=None) -> int:
     prompts, _ = check_args(parser, args)
     out_dir = args.out_dir or (None if args.output else "outputs")
 
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    if args.compile:
+        pipe.compile()
     options = dict(steps=args.steps, guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
                    top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
                    use_kv_cache=not args.no_kv_cache, batch_size=args.batch_size, progress=True)

@@ -5,6 +5,7 @@
   python train.py transformer --data TRAIN.tsv [--val VAL.tsv] --vqgan VQ_DIR --config CFG.yaml --out DIR
                               [--tokenizer SPM.model] [--init-from RUN_DIR]
   both: [--max-steps N] [--max-minutes M] [--batch-size B] [--seed S] [--resume] [--bad-rows error|skip]
+        [--threads N] [--compile]
 
 Multi-process: torchrun --nproc_per_node=N train.py ... (gloo on CPU, nccl on GPU; the global batch is
 N x --batch-size x train.grad_accum). SIGTERM / Ctrl-C finish the current step, save a checkpoint and exit 0.
@@ -28,12 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="YAML config (see configs/); optional with --resume, which reuses the run's config")
         p.add_argument("--out", required=True, metavar="DIR", help="run directory (weights, metrics, checkpoints)")
         p.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps (overrides the config)")
-        p.add_argument("--max-minutes", type=float, metavar="M", help="time budget: stop cleanly and save after M minutes")
+        p.add_argument("--max-minutes", type=float, metavar="M",
+                       help="time budget of the whole run (counted across --resume, like --max-steps): stop cleanly "
+                            "and save after M minutes of training; the lr decay follows it (train.decay_with_budget)")
         p.add_argument("--batch-size", type=int, metavar="B", help="per-process batch size (overrides the config)")
         p.add_argument("--seed", type=int, metavar="S", help="random seed (default: the config's train.seed, else 0)")
         p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
         p.add_argument("--bad-rows", choices=("error", "skip"), default="error",
                        help="malformed TSV rows: stop with an error naming the line (default) or skip and count them")
+        p.add_argument("--threads", type=int, metavar="N",
+                       help="CPU threads for torch (default: torch's choice, all cores); on a busy machine 1 can be "
+                            "much faster for small models")
+        p.add_argument("--compile", action="store_true", default=None,
+                       help="torch.compile the training forward (train.compile); helps on GPUs, not on small CPU runs")
 
     vq = sub.add_parser("vqgan", help="train the VQGAN image tokenizer",
                         description="Train a VQGAN (L1 + LPIPS + codebook loss, PatchGAN hinge discriminator).")
@@ -52,7 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     prog = (sys.argv[0] or "train.py") if argv is None else "train.py"
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     from tokenpaint.training.common import NonFiniteLossError, TrainOptions
 
     try:
@@ -60,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                             max_steps=args.max_steps, max_minutes=args.max_minutes, batch_size=args.batch_size,
                             seed=args.seed, resume=args.resume, bad_rows=args.bad_rows,
                             vqgan_dir=getattr(args, "vqgan_dir", None), tokenizer=getattr(args, "tokenizer", None),
-                            init_from=getattr(args, "init_from", None), argv=[prog, *argv])
+                            init_from=getattr(args, "init_from", None), compile=args.compile, argv=[prog, *argv])
         if args.stage == "vqgan":
             from tokenpaint.training.vqgan_stage import train_vqgan
 

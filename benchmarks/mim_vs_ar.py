@@ -2,6 +2,7 @@
 
     python benchmarks/mim_vs_ar.py                         # gpt_base / mim_base sizes, batch 1 and 8, float32
     python benchmarks/mim_vs_ar.py --batch-sizes 1 --layers 4   # quicker
+    python benchmarks/mim_vs_ar.py --compile               # also with torch.compile'd blocks (Pipeline.compile)
 
 Random weights (speed does not depend on them). No guidance by default (--guidance 3 doubles both batches).
 Prints images/s for each sampler and batch size, the ratio, and the work each does: masked decoding runs
@@ -11,6 +12,7 @@ N-1 one-token steps (each step reads every weight once for a handful of rows: me
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
@@ -29,6 +31,8 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--guidance", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--compile", action="store_true",
+                   help="then compile both models' blocks (generate.py --compile) and time them again")
     args = p.parse_args()
     setup(args)
 
@@ -50,16 +54,32 @@ def main() -> None:
         g = torch.Generator().manual_seed(seed)
         return sample_masked(mim, text, steps=steps, guidance_scale=args.guidance, generator=g)
 
-    rows = []
-    for b in args.batch_sizes:
-        text = random_text(b)
-        run_ar(text, prefix=torch.zeros(b, n - 4, dtype=torch.long))  # warmup: prefill + 4 steps
-        run_mim(text, steps=1)  # warmup: one full pass
-        t_ar, _ = timed(lambda: run_ar(text), repeats=args.repeats, warmup=0)
-        t_mim, _ = timed(lambda: run_mim(text), repeats=args.repeats, warmup=0)
-        rows.append([b, "cached AR", t_ar, b / t_ar, t_ar / (n - 1) * 1e3, 1.0])
-        rows.append([b, f"masked, {args.steps} steps", t_mim, b / t_mim, t_mim / args.steps * 1e3, t_ar / t_mim])
-    print_table(["batch", "sampler", "s / batch", "images/s", "ms / step", "speedup vs AR"], rows)
+    def measure(label: str) -> list[list]:
+        rows = []
+        for b in args.batch_sizes:
+            text = random_text(b)
+            start = time.perf_counter()
+            run_ar(text, prefix=torch.zeros(b, n - 4, dtype=torch.long))  # warmup: prefill + 4 steps
+            run_mim(text, steps=1)  # warmup: one full pass
+            warmup_s = time.perf_counter() - start  # with --compile: mostly compilation
+            t_ar, _ = timed(lambda: run_ar(text), repeats=args.repeats, warmup=0)
+            t_mim, _ = timed(lambda: run_mim(text), repeats=args.repeats, warmup=0)
+            rows.append([b, f"cached AR{label}", t_ar, b / t_ar, t_ar / (n - 1) * 1e3, 1.0, warmup_s])
+            rows.append([b, f"masked, {args.steps} steps{label}", t_mim, b / t_mim, t_mim / args.steps * 1e3,
+                         t_ar / t_mim, ""])
+        return rows
+
+    rows = measure("")
+    if args.compile:
+        eager = {(r[0], r[1]): r[2] for r in rows}
+        gpt.compile_blocks()
+        mim.compile_blocks()
+        compiled = measure(", compiled")
+        for r in compiled:
+            r.append(eager[(r[0], r[1].replace(", compiled", ""))] / r[2])
+        rows = [r + [""] for r in rows] + compiled
+    print_table(["batch", "sampler", "s / batch", "images/s", "ms / step", "speedup vs AR", "warmup s"]
+                + (["compiled vs eager"] if args.compile else []), rows)
 
     # the work, per image: forward FLOPs ~ 2 * params * tokens (+ attention), weight bytes read per step
     mult = 2 if args.guidance not in (0.0, 1.0) else 1

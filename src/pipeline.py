@@ -162,6 +162,12 @@ class Pipeline:
         tokenizer = TextTokenizer(str(run_dir / "tokenizer.model"))
         return cls(model, tokenizer, vqgan, read_sample_defaults(run_dir / "train_config.yaml"))
 
+    def compile(self, **options) -> "Pipeline":
+        """torch.compile the generator's transformer blocks in place (TokenTransformer.compile_blocks). The first
+        batch pays for compilation; options go to torch.compile. Measure first: benchmarks/mim_vs_ar.py --compile."""
+        self.model.compile_blocks(**options)
+        return self
+
     # ------------------------------------------------------------------ text -> images
     def __call__(self, prompts, num_images: int = 1, seed: int = 0, batch_size: int = 8, steps=None,
                  guidance_scale=None, negative_prompt=None, top_k=None, top_p=None, temperature=None,

@@ -96,6 +96,7 @@ def test_inpaint_from_the_command_line(run_dir, tmp_path):
         ([], "one of the arguments --prompt --input is required"),
         (["--prompt", "x", "--dtype", "int8"], "--dtype"),
         (["--prompt", "x", "--edit-mode", "img2img"], "--edit-mode needs --init-image"),
+        (["--prompt", "x", "--threads", "0"], "--threads must be >= 1"),
     ],
 )
 def test_argument_errors(run_dir, capsys, extra, message):

@@ -193,6 +193,17 @@ def test_bfloat16_casts_the_generator_once(runs):
     assert len(images) == 2 and images[0].size == (RESOLUTION, RESOLUTION)
 
 
+@pytest.mark.parametrize("kind", ["gpt", "mim"])
+def test_compiled_pipeline_gives_the_same_ids(runs, kind):
+    pipe = Pipeline.from_pretrained(runs[kind])
+    expected = pipe.generate_ids(["a red circle", "a blue star"], num_images=2, seed=0, guidance_scale=2.0)
+    keys = set(pipe.model.state_dict())
+    assert pipe.compile(backend="eager") is pipe  # Dynamo tracing, no C++ build: what --compile runs, minus codegen
+    compiled = pipe.generate_ids(["a red circle", "a blue star"], num_images=2, seed=0, guidance_scale=2.0)
+    assert torch.equal(compiled, expected)
+    assert set(pipe.model.state_dict()) == keys  # compiled in place: the weights keep their names
+
+
 # ---------------------------------------------------------------------------------------------------------------- edit
 
 

@@ -12,8 +12,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from tokenpaint.training.common import (EMA, CheckpointManager, GracefulStop, MetricsLogger, NonFiniteLossError,
-                                        ResumableBatches, TrainOptions, capture_rng, check_finite, cosine_lr,
-                                        load_config, resume_command, restore_rng)
+                                        ResumableBatches, TimeBudget, TrainOptions, capture_rng, check_finite,
+                                        cosine_lr, load_config, resume_command, restore_rng)
 
 
 def write_shapes_tsv(path, num_rows, resolution=16, seed=0, bad_lines=()):
@@ -66,6 +66,10 @@ def test_train_options_validate_and_resume_command():
     opts = TrainOptions(stage="vqgan", data="my data.tsv", config="c.yaml", out="o",
                         argv=["train.py", "vqgan", "--data", "my data.tsv", "--config", "c.yaml", "--out", "o"])
     assert resume_command(opts).endswith("train.py vqgan --data 'my data.tsv' --config c.yaml --out o --resume")
+    # a run stopped by its (whole-run) time budget continues only with a larger one
+    timed = TrainOptions(stage="vqgan", data="a.tsv", config=None, out="o", max_minutes=2.5,
+                         argv=["train.py", "vqgan", "--data", "a.tsv", "--out", "o", "--max-minutes", "2.5"])
+    assert resume_command(timed, 5.0).endswith("--out o --max-minutes 5 --resume")
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -126,6 +130,31 @@ def test_cosine_lr_warmup_peak_and_floor():
     assert cosine_lr(100, 10, 100, 1.0, 0.1) == pytest.approx(0.1)
     lrs = [cosine_lr(s, 10, 100, 1.0, 0.1) for s in range(10, 101)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_cosine_lr_follows_the_time_budget_when_it_runs_out_first():
+    # step 20 of 100 but 50% of the time budget used: the decay is half-way, as if at step 55
+    assert cosine_lr(20, 10, 100, 1.0, 0.1, time_fraction=0.5) == pytest.approx(0.55)
+    assert cosine_lr(20, 10, 100, 1.0, 0.1, time_fraction=1.0) == pytest.approx(0.1)  # budget spent: the floor
+    assert cosine_lr(80, 10, 100, 1.0, 0.1, time_fraction=0.1) == cosine_lr(80, 10, 100, 1.0, 0.1)  # steps lead
+    assert cosine_lr(3, 10, 100, 1.0, 0.1, time_fraction=0.9) == pytest.approx(0.4)  # warmup stays by steps
+
+
+def test_time_budget_counts_the_whole_run_across_resumes():
+    now = [100.0]
+    clock = lambda: now[0]  # noqa: E731
+    budget = TimeBudget(1.0, clock=clock)  # one minute
+    now[0] += 30
+    assert budget.fraction() == pytest.approx(0.5) and not budget.expired()
+    resumed = TimeBudget(1.0, spent_seconds=budget.spent_seconds(), clock=clock)  # what a checkpoint carries
+    now[0] += 30
+    assert resumed.fraction() == pytest.approx(1.0) and resumed.expired()
+    with pytest.raises(ValueError, match=r"--max-minutes 1: the run in ck.pt has already trained 1\.0 minutes"):
+        resumed.check_not_spent("ck.pt")
+    unlimited = TimeBudget(None, clock=clock)
+    now[0] += 1e6
+    assert unlimited.fraction() == 0.0 and not unlimited.expired()
+    unlimited.check_not_spent("ck.pt")
 
 
 def test_check_finite_names_step_and_checkpoint():

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from tokenpaint import Pipeline
 from tokenpaint.data import make_demo_dataset
 from tokenpaint.training import transformer_stage
-from tokenpaint.training.common import NonFiniteLossError, TrainOptions
+from tokenpaint.training.common import NonFiniteLossError, TrainOptions, cosine_lr
 from tokenpaint.training.transformer_stage import train_transformer
 from tokenpaint.vqgan import VQGAN, VQGANConfig
 
@@ -72,7 +72,7 @@ def trained(env):
         out = env["root"] / f"run_{kind}"
         config = write_config(env["root"] / f"{kind}.yaml", kind)
         rc = cli.main(["transformer", "--data", env["train"], "--val", env["val"], "--vqgan", env["vq"],
-                       "--config", config, "--out", str(out), "--seed", "3"])
+                       "--config", config, "--out", str(out), "--seed", "3", "--threads", "1"])
         assert rc == 0
         runs[kind] = out
     return runs
@@ -148,6 +148,12 @@ def test_init_from_starts_from_the_run_and_checks_it_matches(env, trained, tmp_p
                                   vqgan_dir=str(tmp_path / "other_vq")))
 
 
+def test_cli_rejects_a_bad_thread_count(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_cli().main(["transformer", "--data", "x.tsv", "--out", "o", "--threads", "0"])
+    assert exit_info.value.code == 2 and "--threads must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_bad_config_key_is_named_with_its_line(env, tmp_path, capsys):
     config = write_config(tmp_path / "bad.yaml", "gpt", lr_warmup=10)
     rc = load_cli().main(["transformer", "--data", env["train"], "--vqgan", env["vq"], "--config", config,
@@ -183,6 +189,78 @@ def test_sigterm_and_time_budget_stop_cleanly_and_save(env, trained, tmp_path, m
     summary = train_transformer(options(env, tmp_path / "budget", config, tokenizer=tokenizer, max_minutes=1e-6))
     assert summary["stopped"] == "time budget" and summary["step"] == 1
     assert (tmp_path / "budget" / "checkpoints" / "step_00000001.pt").is_file()
+
+
+class StepClock:
+    """A fake clock for TimeBudget that advances one second per training step (at each batch corruption)."""
+
+    def __init__(self, monkeypatch):
+        self.now = 0.0
+        real_budget, real_corrupt = transformer_stage.TimeBudget, transformer_stage.corrupt
+        monkeypatch.setattr(transformer_stage, "TimeBudget",
+                            lambda minutes, spent=0.0: real_budget(minutes, spent, clock=lambda: self.now))
+
+        def corrupt(*args, **kw):
+            self.now += 1.0
+            return real_corrupt(*args, **kw)
+
+        monkeypatch.setattr(transformer_stage, "corrupt", corrupt)
+
+
+def test_time_budget_decays_the_lr_to_min_lr_and_counts_across_resume(env, trained, tmp_path, monkeypatch):
+    StepClock(monkeypatch)
+    tokenizer = str(trained["gpt"] / "tokenizer.model")
+    config = write_config(tmp_path / "c.yaml", "gpt", warmup_steps=2, max_steps=1000, log_every=1, val_every=1000)
+    out = tmp_path / "run"
+    summary = train_transformer(options(env, out, config, tokenizer=tokenizer, max_minutes=10 / 60))  # 10 "seconds"
+    assert summary["stopped"] == "time budget" and summary["step"] == 10
+    lrs = [m["lr"] for m in metrics(out) if "lr" in m]
+    assert len(lrs) == 10 and all(a > b for a, b in zip(lrs[2:], lrs[3:]))
+    # step index s runs with the share of the budget used before it (s seconds of 10), not s / 1000 steps
+    assert lrs[9] == pytest.approx(cosine_lr(9, 2, 1000, 3e-3, 3e-4, time_fraction=0.9))
+    assert lrs[9] < 0.2 * cosine_lr(9, 2, 1000, 3e-3, 3e-4)  # near min_lr, where the step schedule is near lr
+    assert torch.load(out / "checkpoints" / "step_00000010.pt", weights_only=True)["train_seconds"] == 10.0
+
+    with pytest.raises(ValueError, match="already trained 0.2 minutes.*larger --max-minutes"):
+        train_transformer(options(env, out, None, resume=True, max_minutes=10 / 60, vqgan_dir=None))
+    resumed = train_transformer(options(env, out, None, resume=True, max_minutes=20 / 60, vqgan_dir=None))
+    assert resumed["step"] == 20  # 10 more "seconds"
+    lrs = [m["lr"] for m in metrics(out) if "lr" in m]
+    assert lrs[10] == pytest.approx(cosine_lr(10, 2, 1000, 3e-3, 3e-4, time_fraction=0.5))  # 10 s of 20
+
+
+def test_decay_with_budget_false_keeps_the_step_schedule(env, trained, tmp_path, monkeypatch):
+    StepClock(monkeypatch)
+    config = write_config(tmp_path / "c.yaml", "gpt", warmup_steps=2, max_steps=1000, log_every=1, val_every=1000,
+                          decay_with_budget=False)
+    out = tmp_path / "run"
+    train_transformer(options(env, out, config, tokenizer=str(trained["gpt"] / "tokenizer.model"),
+                             max_minutes=5 / 60))
+    lrs = [m["lr"] for m in metrics(out) if "lr" in m]
+    assert lrs == pytest.approx([cosine_lr(s, 2, 1000, 3e-3, 3e-4) for s in range(5)])
+
+
+def test_compile_flag_compiles_the_training_forward_with_the_same_result(env, trained, tmp_path, monkeypatch):
+    from tokenpaint.training import common
+
+    calls = []
+    real_compile = torch.compile
+
+    def counting_compile(module, **kw):
+        calls.append(kw)
+        return real_compile(module, **kw)
+
+    monkeypatch.setattr(common, "COMPILE_BACKEND", "eager")  # Dynamo tracing without a C++ build: fast
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    tokenizer = str(trained["gpt"] / "tokenizer.model")
+    config = write_config(tmp_path / "c.yaml", "gpt", max_steps=3, log_every=1, val_every=1000)
+    plain = train_transformer(options(env, tmp_path / "plain", config, tokenizer=tokenizer))
+    assert calls == []
+    compiled = train_transformer(options(env, tmp_path / "compiled", config, tokenizer=tokenizer, compile=True))
+    assert calls == [{"backend": "eager"}]
+    assert compiled["losses"] == pytest.approx(plain["losses"], rel=1e-5)
+    saved = load_file(tmp_path / "compiled" / "model.safetensors")
+    assert saved.keys() == load_file(tmp_path / "plain" / "model.safetensors").keys()  # no "_orig_mod." prefix
 
 
 def test_non_finite_loss_names_the_step_and_keeps_the_checkpoint(env, trained, tmp_path):

@@ -16,7 +16,7 @@ from test_training_common import write_shapes_tsv
 
 from tokenpaint.training import vqgan_stage
 from tokenpaint.data import TSVImageText
-from tokenpaint.training.common import CheckpointManager, NonFiniteLossError, TrainOptions, set_seed
+from tokenpaint.training.common import CheckpointManager, NonFiniteLossError, TrainOptions, cosine_lr, set_seed
 from tokenpaint.training.vqgan_stage import train_vqgan
 from tokenpaint.vqgan import VQGAN, VQGANConfig
 
@@ -135,6 +135,37 @@ def test_time_budget_stops_cleanly_validates_and_saves(data, tmp_path):
     assert CheckpointManager.load(summary["checkpoint"])["step"] == summary["step"]
     assert [m["step"] for m in read_metrics(out) if "val_psnr" in m] == [summary["step"]]
     VQGAN.from_pretrained(str(out))
+
+
+def test_time_budget_drives_the_cosine_decay_and_is_recorded(data, tmp_path, monkeypatch):
+    now = [0.0]
+    real_budget, real_lr = vqgan_stage.TimeBudget, vqgan_stage._learning_rate
+
+    def lr_one_second_per_step(*args):
+        now[0] += 1.0
+        return real_lr(*args)
+
+    monkeypatch.setattr(vqgan_stage, "TimeBudget", lambda m, spent=0.0: real_budget(m, spent, clock=lambda: now[0]))
+    monkeypatch.setattr(vqgan_stage, "_learning_rate", lr_one_second_per_step)
+    config = write_config(tmp_path / "cfg.yaml", disc=False, lr_schedule="cosine", min_lr=1e-4, max_steps=1000)
+    summary = train_vqgan(opts(data, config, tmp_path / "run", max_minutes=6 / 60))  # 6 "seconds"
+    assert summary["stopped"] == "time budget" and summary["step"] == 6
+    lrs = [m["lr"] for m in read_metrics(tmp_path / "run") if "lr" in m]
+    assert lrs == pytest.approx([cosine_lr(s, 0, 1000, 2e-3, 1e-4, time_fraction=s / 6) for s in range(6)])
+    assert CheckpointManager.load(summary["checkpoint"])["train_seconds"] == 6.0
+
+
+def test_compile_flag_gives_the_same_training_run(data, tmp_path, monkeypatch):
+    from tokenpaint.training import common
+
+    monkeypatch.setattr(common, "COMPILE_BACKEND", "eager")  # Dynamo tracing (incl. the latent hook), no C++ build
+    config = write_config(tmp_path / "cfg.yaml", disc=False, max_steps=3)
+    train_vqgan(opts(data, config, tmp_path / "plain"))
+    train_vqgan(opts(data, config, tmp_path / "compiled", compile=True))
+    plain, compiled = (read_metrics(tmp_path / run) for run in ("plain", "compiled"))
+    assert [m["loss"] for m in compiled] == pytest.approx([m["loss"] for m in plain], rel=1e-5)
+    a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("plain", "compiled"))
+    assert a.keys() == b.keys()
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(data, tmp_path, monkeypatch):

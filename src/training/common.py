@@ -46,6 +46,7 @@ class TrainOptions:
     vqgan_dir: str | None = None  # transformer: --vqgan
     tokenizer: str | None = None  # transformer: --tokenizer
     init_from: str | None = None  # transformer: --init-from
+    compile: bool | None = None  # --compile: torch.compile the training forward (None: the config's train.compile)
     argv: list[str] = field(default_factory=list)  # the command line, to print the exact resume command
 
     def __post_init__(self):
@@ -59,9 +60,14 @@ class TrainOptions:
             raise ValueError(f"--max-minutes must be positive, got {self.max_minutes}")
 
 
-def resume_command(opts: TrainOptions) -> str:
-    """The exact command that continues this run."""
+def resume_command(opts: TrainOptions, max_minutes: float | None = None) -> str:
+    """The exact command that continues this run (with --max-minutes set to `max_minutes` when given)."""
     argv = list(opts.argv) or ["train.py", opts.stage, "--data", opts.data, "--out", opts.out]
+    if max_minutes is not None:
+        if "--max-minutes" in argv:
+            argv[argv.index("--max-minutes") + 1] = f"{max_minutes:g}"
+        else:
+            argv += ["--max-minutes", f"{max_minutes:g}"]
     if "--resume" not in argv:
         argv.append("--resume")
     return " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable) or "python", *argv])
@@ -230,7 +236,11 @@ def report_finish(opts: TrainOptions, step: int, max_steps: int, stop_reason: st
     if not is_main():
         return
     print(f"saved {opts.out} (step {step}); checkpoint: {checkpoint}", file=sys.stderr)
-    if stop_reason != "max_steps":
+    if stop_reason == "time budget":  # the budget counts the whole run: continuing needs a larger one
+        print(f"stopped at step {step}/{max_steps} (time budget of {opts.max_minutes:g} minutes spent); "
+              f"checkpoint: {checkpoint}\ntrain longer with: {resume_command(opts, 2 * opts.max_minutes)}",
+              file=sys.stderr, flush=True)
+    elif stop_reason != "max_steps":
         print(f"stopped at step {step}/{max_steps} ({stop_reason}); checkpoint: {checkpoint}\n"
               f"resume with: {resume_command(opts)}", file=sys.stderr, flush=True)
     if opts.bad_rows == "skip":
@@ -311,15 +321,6 @@ def is_main() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def all_reduce_max_flag(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is True on any rank (so all ranks stop at the same step)."""
-    if not is_distributed():
-        return flag
-    t = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 # ----------------------------------------------------------------------------- loop helpers
 
 
@@ -361,13 +362,26 @@ def check_finite(loss: torch.Tensor, step: int, last_checkpoint: str | None = No
                                  f"training stopped, nothing was saved for this step; {kept}")
 
 
-def cosine_lr(step: int, warmup: int, max_steps: int, lr: float, min_lr: float = 0.0) -> float:
-    """Linear warmup over `warmup` steps to `lr`, then half-cosine decay to `min_lr` at `max_steps`."""
+COMPILE_BACKEND = "inductor"  # tests swap in "eager" (Dynamo tracing only, no C++ build)
+
+
+def maybe_compile(module: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """torch.compile(module) for the training forward when train.compile / --compile asks for it. The module itself
+    keeps the weights: checkpoints and save_pretrained never see the compiled wrapper's `_orig_mod.` prefix."""
+    return torch.compile(module, backend=COMPILE_BACKEND) if enabled else module
+
+
+def cosine_lr(step: int, warmup: int, max_steps: int, lr: float, min_lr: float = 0.0,
+              time_fraction: float = 0.0) -> float:
+    """Linear warmup over `warmup` steps to `lr`, then half-cosine decay to `min_lr` at `max_steps`.
+
+    `time_fraction` (the share of a --max-minutes budget used, see TimeBudget) moves the decay along when time runs
+    out before the steps do, so a time-limited run still ends at `min_lr` instead of being cut off at full lr."""
     if warmup > 0 and step < warmup:
         return lr * (step + 1) / warmup
-    if step >= max_steps:
+    progress = max((step - warmup) / max(1, max_steps - warmup), time_fraction)
+    if progress >= 1.0:
         return min_lr
-    progress = (step - warmup) / max(1, max_steps - warmup)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
@@ -404,11 +418,40 @@ class GracefulStop:
 
 
 class TimeBudget:
-    def __init__(self, max_minutes: float | None):
-        self.deadline = None if max_minutes is None else time.monotonic() + 60.0 * max_minutes
+    """--max-minutes: the training time a run may use in all, counted across resumes like --max-steps
+    (`spent_seconds` comes from the checkpoint), and the share of it used so far (for the lr schedule)."""
+
+    def __init__(self, max_minutes: float | None, spent_seconds: float = 0.0, clock=time.monotonic):
+        self.total_seconds = None if max_minutes is None else 60.0 * max_minutes
+        self._clock = clock
+        self._start = clock() - spent_seconds
+
+    def spent_seconds(self) -> float:
+        return self._clock() - self._start
+
+    def fraction(self) -> float:
+        """0 without a budget; 1 or more once it is spent."""
+        return 0.0 if self.total_seconds is None else self.spent_seconds() / self.total_seconds
 
     def expired(self) -> bool:
-        return self.deadline is not None and time.monotonic() >= self.deadline
+        return self.fraction() >= 1.0
+
+    def check_not_spent(self, checkpoint: str | None) -> None:
+        """A resumed run whose budget is already used up would stop after one step: say so instead."""
+        if self.total_seconds is not None and self.expired():
+            raise ValueError(f"--max-minutes {self.total_seconds / 60:g}: the run in {checkpoint} has already trained "
+                             f"{self.spent_seconds() / 60:.1f} minutes (the budget counts the whole run, like "
+                             f"--max-steps); pass a larger --max-minutes to train on")
+
+
+def sync_progress(stop_requested: bool, time_fraction: float, device: torch.device) -> tuple[bool, float]:
+    """(stop?, share of the time budget used), the same on every rank: any rank's stop request stops all, and the
+    largest time fraction sets everyone's lr (ranks with different lrs would drift apart)."""
+    if not is_distributed():
+        return stop_requested, time_fraction
+    t = torch.tensor([1.0 if stop_requested else 0.0, time_fraction], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t[0].item()), float(t[1].item())
 
 
 class MetricsLogger:

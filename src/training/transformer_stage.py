@@ -10,7 +10,8 @@ metrics.jsonl, checkpoints/step_XXXXXXXX.pt, samples/sample_XXXXXXXX.png, cache/
 Config: the sections of tokenpaint.transformer.presets (model, tokenizer, train, sample) plus `data` (resolution:
 default the VQGAN's; shuffle) and these train keys: seed, decay_steps (the cosine horizon; default max_steps, so
 a run stopped by --max-steps and resumed keeps its schedule only if this is set), val_batches, sample_images,
-cache_batch_size; `bf16` may be "auto". GPT trains with plain CE; "mim" with label smoothing on masked positions.
+cache_batch_size; `bf16` may be "auto". With --max-minutes the decay also follows the share of the time budget used
+(train.decay_with_budget), so a time-limited run ends at min_lr. GPT trains with plain CE; "mim" with label smoothing on masked positions.
 """
 from __future__ import annotations
 
@@ -30,10 +31,10 @@ from ..transformer import (GPT, SAMPLE_DEFAULTS, TRAIN_DEFAULTS, GPTConfig, Mask
 from ..transformer.io import check_state_dict
 from ..transformer.presets import TOKENIZER_DEFAULTS
 from ..vqgan import VQGAN
-from .common import (CheckpointManager, GracefulStop, MetricsLogger, TimeBudget, TrainOptions, all_reduce_max_flag,
-                     capture_rng, check_finite, cleanup_distributed, cosine_lr, is_distributed, is_main, load_config,
-                     progress_bar, resolve_bf16, restore_rng, save_yaml, set_seed, setup_distributed,
-                     report_finish, start_or_resume)
+from .common import (CheckpointManager, GracefulStop, MetricsLogger, TimeBudget, TrainOptions, capture_rng,
+                     check_finite, cleanup_distributed, cosine_lr, is_distributed, is_main, load_config, maybe_compile,
+                     progress_bar, report_finish, resolve_bf16, restore_rng, save_yaml, set_seed, setup_distributed,
+                     start_or_resume, sync_progress)
 from .transformer_data import GlobalBatches, corrupt, rank_rows, summed_cross_entropy
 from .transformer_samples import sample_grid, validation_loss
 
@@ -216,13 +217,17 @@ def _train(opts: TrainOptions, info) -> dict:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    forward = maybe_compile(ddp_model, tcfg["compile"] if opts.compile is None else opts.compile)
     label_smoothing = getattr(model_config, "label_smoothing", 0.0) if kind == "mim" else 0.0
     mask_id = model.mask_token_id if kind == "mim" else None
     max_steps, accum = tcfg["max_steps"], tcfg["grad_accum"]
     decay_steps = tcfg["decay_steps"] or max_steps
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
     metrics = MetricsLogger(opts.out, resume_step=step if resume_state is not None else None)
-    last_ckpt, budget = ckpts.latest(), TimeBudget(opts.max_minutes)
+    last_ckpt = ckpts.latest()
+    budget = TimeBudget(opts.max_minutes, resume_state.get("train_seconds", 0.0) if resume_state else 0.0)
+    budget.check_not_spent(last_ckpt)
+    time_fraction = budget.fraction() if tcfg["decay_with_budget"] else 0.0
     stop_reason, last_val, losses = "max_steps", None, []
     bar = progress_bar(max_steps, step, f"{kind}{' x%d' % world if world > 1 else ''}")
     window = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.monotonic()}
@@ -231,7 +236,7 @@ def _train(opts: TrainOptions, info) -> dict:
     def save_checkpoint() -> str:
         state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "data": batches.state_dict(), "corruption_rng": corruption.get_state(), "rng": capture_rng(),
-                 "config": cfg, "world_size": world}
+                 "config": cfg, "world_size": world, "train_seconds": budget.spent_seconds()}
         return ckpts.save(state, step) if is_main() else ckpts.path_for(step)
 
     def validate() -> float:
@@ -242,7 +247,7 @@ def _train(opts: TrainOptions, info) -> dict:
 
     with GracefulStop() as stop:
         while step < max_steps:
-            lr = cosine_lr(step, tcfg["warmup_steps"], decay_steps, tcfg["lr"], tcfg["min_lr"])
+            lr = cosine_lr(step, tcfg["warmup_steps"], decay_steps, tcfg["lr"], tcfg["min_lr"], time_fraction)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro = [corrupt(kind, *next(batches), corruption, model_config.cond_dropout, tcfg["mask_schedule"],
@@ -255,7 +260,7 @@ def _train(opts: TrainOptions, info) -> dict:
                 sync = ddp_model.no_sync if (i < accum - 1 and ddp_model is not model) else contextlib.nullcontext
                 with sync():
                     with autocast():
-                        logits, _ = ddp_model(text, image)  # [B,N,codebook_size]
+                        logits, _ = forward(text, image)  # [B,N,codebook_size]
                     ce_sum = summed_cross_entropy(logits, targets, label_smoothing)
                     global_sum = ce_sum.detach().clone()
                     if is_distributed():  # every rank sees the same value, so all stop together on NaN
@@ -275,7 +280,9 @@ def _train(opts: TrainOptions, info) -> dict:
             window["steps"] += 1
             window["tokens"] += global_batch * accum * model_config.num_image_tokens
 
-            stopping = all_reduce_max_flag(stop.requested or budget.expired(), device) and step < max_steps
+            stop_requested, fraction = sync_progress(stop.requested, budget.fraction(), device)
+            stopping = (stop_requested or fraction >= 1.0) and step < max_steps
+            time_fraction = fraction if tcfg["decay_with_budget"] else 0.0
             last = stopping or step == max_steps  # the final model always gets a log line, val loss and samples
             if step == 1 or step % tcfg["log_every"] == 0 or last:
                 now = time.monotonic()

@@ -22,17 +22,18 @@ from ..vqgan import VQGAN, VQGANConfig
 from ..vqgan.losses import LPIPS, NLayerDiscriminator, adaptive_generator_weight, hinge_d_loss
 from .codebook import CodebookMonitor
 from .common import (EMA, CheckpointManager, GracefulStop, MetricsLogger, ResumableBatches, TimeBudget, TrainOptions,
-                     all_reduce_max_flag, capture_rng, check_finite, cleanup_distributed, cosine_lr, is_distributed,
-                     is_main, load_config, progress_bar, resolve_bf16, restore_rng, save_yaml,
-                     report_finish, set_seed, setup_distributed, start_or_resume)
+                     capture_rng, check_finite, cleanup_distributed, cosine_lr, is_distributed, is_main, load_config,
+                     maybe_compile, progress_bar, report_finish, resolve_bf16, restore_rng, save_yaml, set_seed,
+                     setup_distributed, start_or_resume, sync_progress)
 
 LOSS_DEFAULTS = dict(l1_weight=1.0, perceptual_weight=1.0, codebook_weight=1.0, lpips_vgg=None, lpips_lin=None,
                      discriminator=True, disc_start=0, disc_weight=0.75, disc_factor=1.0, disc_num_layers=2,
                      disc_ndf=64)
 TRAIN_DEFAULTS = dict(batch_size=8, grad_accum=1, max_steps=10000, lr=None, base_lr=4.5e-6, lr_schedule="constant",
-                      warmup_steps=0, min_lr=0.0, decay_steps=None, bf16=False, ema_decay=None, grad_clip=None,
-                      log_every=50, sample_every=1000, val_images=256, ckpt_every=1000, keep_checkpoints=3,
-                      num_workers=0, usage_window=100, restart_after=None, seed=0)
+                      warmup_steps=0, min_lr=0.0, decay_steps=None, decay_with_budget=True, bf16=False, ema_decay=None,
+                      betas=(0.5, 0.9), grad_clip=None, compile=False, log_every=50, sample_every=1000, val_images=256,
+                      ckpt_every=1000, keep_checkpoints=3, num_workers=0, usage_window=100, restart_after=None,
+                      restart_draw="uniform", seed=0)
 DATA_DEFAULTS = dict(resolution=None, shuffle=True, shuffle_buffer=1024)
 SCHEMA = {"model": VQGANConfig, "loss": LOSS_DEFAULTS, "train": TRAIN_DEFAULTS, "data": DATA_DEFAULTS}
 
@@ -60,11 +61,13 @@ def resolve_config(opts: TrainOptions, world_size: int) -> dict:
     return cfg
 
 
-def _learning_rate(train: dict, step: int) -> float:
+def _learning_rate(train: dict, step: int, time_fraction: float) -> float:
+    """`time_fraction`: share of the --max-minutes budget used; with decay_with_budget the cosine follows it too."""
     if train["lr_schedule"] == "constant":
         return train["lr"] * min(1.0, (step + 1) / train["warmup_steps"]) if train["warmup_steps"] else train["lr"]
     decay = train["decay_steps"] or train["max_steps"]
-    return cosine_lr(step, train["warmup_steps"], decay, train["lr"], train["min_lr"])
+    return cosine_lr(step, train["warmup_steps"], decay, train["lr"], train["min_lr"],
+                     time_fraction if train["decay_with_budget"] else 0.0)
 
 
 def _make_lpips(loss_cfg: dict, device) -> LPIPS | None:
@@ -157,10 +160,12 @@ def _train(opts: TrainOptions, info, TSVImageText) -> dict:
     disc = (NLayerDiscriminator(3, lcfg["disc_ndf"], lcfg["disc_num_layers"]).to(device)
             if lcfg["discriminator"] else None)
     lpips = _make_lpips(lcfg, device)
-    opt_g = torch.optim.Adam(model.parameters(), lr=tcfg["lr"], betas=(0.5, 0.9))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=tcfg["lr"], betas=(0.5, 0.9)) if disc is not None else None
+    betas = tuple(tcfg["betas"])  # taming's (0.5, 0.9) suit the adversarial game
+    opt_g = torch.optim.Adam(model.parameters(), lr=tcfg["lr"], betas=betas)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=tcfg["lr"], betas=betas) if disc is not None else None
     ema = EMA(model, tcfg["ema_decay"]) if tcfg["ema_decay"] else None
-    monitor = CodebookMonitor(model.codebook_size, tcfg["usage_window"], tcfg["restart_after"], seed)
+    monitor = CodebookMonitor(model.codebook_size, tcfg["usage_window"], tcfg["restart_after"], seed,
+                              tcfg["restart_draw"])
     catcher = _LatentCatcher(model.quant_conv)
 
     dataset = TSVImageText(opts.data, dcfg["resolution"], bad_rows=opts.bad_rows, shuffle=dcfg["shuffle"], seed=seed,
@@ -189,13 +194,16 @@ def _train(opts: TrainOptions, info, TSVImageText) -> dict:
     if is_distributed():
         ids = [device.index] if device.type == "cuda" else None
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    forward = maybe_compile(ddp_model, tcfg["compile"] if opts.compile is None else opts.compile)
 
     metrics = MetricsLogger(opts.out, resume_step=step if resume_state is not None else None)
     max_steps, accum = tcfg["max_steps"], tcfg["grad_accum"]
     bf16 = resolve_bf16(tcfg["bf16"], device, where=f"{opts.config or ckpts.latest()}: train.bf16")
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
     last_ckpt = ckpts.latest()
-    budget = TimeBudget(opts.max_minutes)
+    budget = TimeBudget(opts.max_minutes, resume_state.get("train_seconds", 0.0) if resume_state else 0.0)
+    budget.check_not_spent(last_ckpt)
+    time_fraction = budget.fraction()
     stop_reason, last_val = "max_steps", None
     bar = progress_bar(max_steps, step, f"vqgan{' x%d' % info.world_size if info.world_size > 1 else ''}")
     t_last, images_since = time.monotonic(), 0
@@ -205,7 +213,8 @@ def _train(opts: TrainOptions, info, TSVImageText) -> dict:
                  "disc": disc.state_dict() if disc is not None else None,
                  "opt_d": opt_d.state_dict() if opt_d is not None else None,
                  "ema": ema.state_dict() if ema is not None else None, "codebook": monitor.state_dict(),
-                 "data": batches.state_dict(), "rng": capture_rng(), "config": cfg}
+                 "data": batches.state_dict(), "rng": capture_rng(), "config": cfg,
+                 "train_seconds": budget.spent_seconds()}
         return ckpts.save(state, step) if is_main() else ckpts.path_for(step)
 
     def validate_and_sample() -> dict:
@@ -221,7 +230,7 @@ def _train(opts: TrainOptions, info, TSVImageText) -> dict:
 
     with GracefulStop() as stop:
         while step < max_steps:
-            lr = _learning_rate(tcfg, step)
+            lr = _learning_rate(tcfg, step, time_fraction)
             for group in opt_g.param_groups + (opt_d.param_groups if opt_d is not None else []):
                 group["lr"] = lr
             disc_on = disc is not None and step >= lcfg["disc_start"]
@@ -237,7 +246,7 @@ def _train(opts: TrainOptions, info, TSVImageText) -> dict:
                 sync = ddp_model.no_sync if (i < accum - 1 and ddp_model is not model) else contextlib.nullcontext
                 with sync():
                     with autocast():
-                        x_hat, q = ddp_model(x)
+                        x_hat, q = forward(x)
                         x_hat = x_hat.float()
                         rec = (x - x_hat).abs().mean()
                         p_loss = lpips(x, x_hat).mean() if lpips is not None else torch.zeros((), device=device)
@@ -273,7 +282,7 @@ def _train(opts: TrainOptions, info, TSVImageText) -> dict:
                 opt_d.step()
 
             step += 1
-            restarted = monitor.restart(model.quantize.embedding.weight.data, catcher.latents, step, opt_g)
+            restarted = monitor.restart(model.quantize, catcher.latents, step, opt_g)
             if ema is not None:
                 ema.update(model)
             images_since += accum * len(micro[0]) * info.world_size
@@ -293,8 +302,8 @@ def _train(opts: TrainOptions, info, TSVImageText) -> dict:
             if step % tcfg["ckpt_every"] == 0 and step < max_steps:
                 last_ckpt = save_checkpoint()
 
-            stop_now = all_reduce_max_flag(stop.requested or budget.expired(), device)
-            if stop_now and step < max_steps:
+            stop_requested, time_fraction = sync_progress(stop.requested, budget.fraction(), device)
+            if (stop_requested or time_fraction >= 1.0) and step < max_steps:
                 stop_reason = stop.signal_name or "time budget"
                 if not stop.requested and val_set is not None and step % tcfg["sample_every"]:
                     last_val = validate_and_sample()  # the budget ended the run: report the final model

@@ -91,6 +91,14 @@ class TokenTransformer(nn.Module):
             self.to(dtype)
         return self
 
+    def compile_blocks(self, **options):
+        """torch.compile each transformer block in place (state_dict keys unchanged). Every path runs through the
+        blocks: training and masked decoding (full passes), prefill and the one-token cached steps; dynamic shapes so
+        that the growing cache does not recompile at every position. Options go to torch.compile."""
+        for block in self.blocks:
+            block.compile(**{"dynamic": True, **options})
+        return self
+
     @property
     def dtype(self) -> torch.dtype:
         return self.head.weight.dtype

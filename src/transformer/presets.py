@@ -30,6 +30,7 @@ TRAIN_DEFAULTS: dict[str, Any] = dict(
     batch_size=32, grad_accum=1, lr=3.0e-4, min_lr=3.0e-5, warmup_steps=500, max_steps=100000, weight_decay=0.05,
     betas=[0.9, 0.95], grad_clip=1.0, bf16=False, label_smoothing=0.1, mask_schedule="cosine", log_every=10,
     val_every=500, sample_every=1000, ckpt_every=1000, keep_checkpoints=3, num_workers=0,
+    decay_with_budget=True, compile=False,  # lr decay also follows --max-minutes; torch.compile the training forward
 )
 SAMPLE_DEFAULTS: dict[str, Any] = dict(steps=12, guidance_scale=3.0, top_k=100, top_p=1.0, temperature=1.0)
 TOKENIZER_DEFAULTS: dict[str, Any] = dict(vocab_size=8000)

@@ -58,6 +58,10 @@ class VectorQuantizer(nn.Module):
         w = self.embedding.weight
         return F.normalize(w, dim=1) if self.kind == "l2" else w
 
+    def search_space(self, z_flat: torch.Tensor) -> torch.Tensor:
+        """Rows [N, D] as the nearest-code search sees them (l2: normalised), to compare with codebook()."""
+        return F.normalize(z_flat, dim=1) if self.kind == "l2" else z_flat
+
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """long [B, h, w] -> z_q [B, D, h, w] (channels_last memory, no copy)."""
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
@@ -75,9 +79,7 @@ class VectorQuantizer(nn.Module):
         b, d, h, w = z.shape
         if d != self.dim:
             raise ValueError(f"quantizer expects {self.dim} channels, got z of shape {tuple(z.shape)}")
-        z_flat = rearrange(z, "b d h w -> (b h w) d")  # a view when z is channels_last
-        if self.kind == "l2":
-            z_flat = F.normalize(z_flat, dim=1)
+        z_flat = self.search_space(rearrange(z, "b d h w -> (b h w) d"))  # a view when z is channels_last
         codebook = self.codebook()
         with torch.no_grad():
             ids = nearest_code_ids(z_flat.detach(), codebook.detach())  # [N]
