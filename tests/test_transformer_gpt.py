@@ -2,24 +2,9 @@
 import pytest
 import torch
 
-from tokenpaint.transformer import GPT, GPTConfig, KVCache
+from tokenpaint.transformer import KVCache
 
-TEXT_VOCAB, TEXT_LEN, CODES, SIDE = 40, 6, 24, 4  # N = 16 image tokens
-
-
-
-def tiny_gpt(seed=0, **overrides) -> GPT:
-    torch.manual_seed(seed)
-    cfg = dict(text_vocab_size=TEXT_VOCAB, text_len=TEXT_LEN, codebook_size=CODES, image_size=SIDE,
-               n_layer=2, n_head=2, n_embd=32)
-    return GPT(GPTConfig(**{**cfg, **overrides})).eval()
-
-
-def random_batch(batch=3, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    text = torch.randint(1, TEXT_VOCAB, (batch, TEXT_LEN), generator=g)
-    image = torch.randint(0, CODES, (batch, SIDE * SIDE), generator=g)
-    return text, image
+from tiny_generators import CODES, SIDE, TEXT_LEN, TEXT_VOCAB, random_batch, tiny_gpt
 
 
 def test_forward_shapes_and_loss_is_cross_entropy_over_all_image_tokens():

@@ -3,24 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenpaint.transformer import MaskedTransformer, MaskedTransformerConfig
-
-TEXT_VOCAB, TEXT_LEN, CODES, SIDE = 40, 6, 24, 4  # N = 16 image tokens
-
-
-
-def tiny_mim(seed=0, **overrides) -> MaskedTransformer:
-    torch.manual_seed(seed)
-    cfg = dict(text_vocab_size=TEXT_VOCAB, text_len=TEXT_LEN, codebook_size=CODES, image_size=SIDE,
-               n_layer=2, n_head=2, n_embd=32)
-    return MaskedTransformer(MaskedTransformerConfig(**{**cfg, **overrides})).eval()
-
-
-def random_batch(batch=3, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    text = torch.randint(1, TEXT_VOCAB, (batch, TEXT_LEN), generator=g)
-    image = torch.randint(0, CODES, (batch, SIDE * SIDE), generator=g)
-    return text, image
+from tiny_generators import CODES, SIDE, random_batch, tiny_mim
 
 
 def test_mask_token_is_one_past_the_codebook_and_the_head_predicts_codes_only():
