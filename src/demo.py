@@ -32,7 +32,7 @@ from .data.demo import COLOR_ZH, SHAPE_ZH, SIZE_ZH
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "demo"  # the repo's configs/ (editable install)
 # The VQGAN gets the most: below ~1000 steps its reconstructions lose the object colour (measured with
 # benchmarks/demo_quality.py --recon), which caps both generators. + data, caches, sampling (~1 min) + venv: < 15 min
-DEFAULT_MINUTES = {"vqgan": 6.5, "mim": 3.0, "gpt": 2.5}
+DEFAULT_MINUTES = {"vqgan": 6.0, "mim": 3.0, "gpt": 3.0}
 ATTRIBUTES = ("color", "shape", "size", "horizontal", "vertical")
 CELL = 128  # pixels per sample in the grid (32x32 images scaled up, nearest)
 # Chinese has no spaces to stop BPE merges: at vocab 400 they fused whole phrases ("色圆形", "一个小的橙") while

@@ -32,9 +32,10 @@ def data(tmp_path_factory):
     return write_shapes_tsv(d / "train.tsv", 48, seed=0), write_shapes_tsv(d / "val.tsv", 8, seed=1)
 
 
-def write_config(path, disc=True, restart=True, shuffle=True, **train):
+def write_config(path, disc=True, restart=True, shuffle=True, loss=None, **train):
     cfg = {"model": TINY_MODEL,
-           "loss": dict(perceptual_weight=0.0, discriminator=disc, disc_start=2, disc_ndf=8, disc_num_layers=1),
+           "loss": dict(perceptual_weight=0.0, discriminator=disc, disc_start=2, disc_ndf=8, disc_num_layers=1,
+                        **(loss or {})),
            "train": dict(dict(batch_size=4, lr=2e-3, log_every=1, sample_every=1000, ckpt_every=1000,
                               restart_after=2 if restart else None, usage_window=4), **train),
            "data": dict(resolution=16, shuffle=shuffle, shuffle_buffer=8)}
@@ -89,6 +90,22 @@ def test_tiny_vqgan_learns_and_writes_a_loadable_run_dir(data, tmp_path):
     assert yaml.safe_load((out / "train_config.yaml").read_text())["model"]["ch_mult"] == [1, 2]
     with pytest.raises(ValueError, match="already holds a run.*--resume"):
         train_vqgan(opts(data, config, out, max_steps=61))
+
+
+def test_reconstruction_loss_weights_l1_and_l2(data, tmp_path):
+    """loss = l1_weight * L1 + l2_weight * MSE + codebook term (no LPIPS, no discriminator here); MSE alone learns."""
+    def rows(name, steps, **loss):
+        config = write_config(tmp_path / f"{name}.yaml", disc=False, restart=False, loss=loss)
+        train_vqgan(opts(data, config, tmp_path / name, max_steps=steps))
+        return [m for m in read_metrics(tmp_path / name) if "loss" in m]
+
+    for m in rows("l1", 3):  # the default: taming's L1 only
+        assert m["loss"] == pytest.approx(m["rec_loss"] + m["q_loss"], rel=1e-5)
+    mse_rows = rows("mse", 40, l1_weight=0.0, l2_weight=2.0)
+    for m in mse_rows:
+        assert m["loss"] == pytest.approx(2.0 * m["l2_loss"] + m["q_loss"], rel=1e-5)
+    first, last = mse_rows[0]["l2_loss"], sum(m["l2_loss"] for m in mse_rows[-3:]) / 3
+    assert last < 0.5 * first, (first, last)
 
 
 def test_resume_gives_the_same_weights_as_a_straight_run(data, tmp_path):

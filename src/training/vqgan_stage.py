@@ -1,6 +1,6 @@
-"""VQGAN training stage: taming's recipe (L1 + LPIPS + codebook loss, hinge PatchGAN with adaptive weight) in plain
-PyTorch, with codebook health (usage, perplexity, dead-code restarts), validation, EMA, bf16 autocast, exact resume,
-graceful stop and DDP.
+"""VQGAN training stage: taming's recipe (L1 + LPIPS + codebook loss, hinge PatchGAN with adaptive weight; optionally
+an MSE term, loss.l2_weight, as LlamaGen and MaskGIT use) in plain PyTorch, with codebook health (usage, perplexity,
+dead-code restarts), validation, EMA, bf16 autocast, exact resume, graceful stop and DDP.
 
 Run directory: config.json + model.safetensors (VQGAN.from_pretrained(DIR)), train_config.yaml, metrics.jsonl,
 checkpoints/step_XXXXXXXX.pt, samples/recon_XXXXXXXX.png.
@@ -26,9 +26,9 @@ from .common import (EMA, CheckpointManager, GracefulStop, MetricsLogger, Resuma
                      maybe_compile, progress_bar, report_finish, resolve_bf16, restore_rng, save_yaml, set_seed,
                      setup_distributed, start_or_resume, sync_progress)
 
-LOSS_DEFAULTS = dict(l1_weight=1.0, perceptual_weight=1.0, codebook_weight=1.0, lpips_vgg=None, lpips_lin=None,
-                     discriminator=True, disc_start=0, disc_weight=0.75, disc_factor=1.0, disc_num_layers=2,
-                     disc_ndf=64)
+LOSS_DEFAULTS = dict(l1_weight=1.0, l2_weight=0.0, perceptual_weight=1.0, codebook_weight=1.0, lpips_vgg=None,
+                     lpips_lin=None, discriminator=True, disc_start=0, disc_weight=0.75, disc_factor=1.0,
+                     disc_num_layers=2, disc_ndf=64)
 TRAIN_DEFAULTS = dict(batch_size=8, grad_accum=1, max_steps=10000, lr=None, base_lr=4.5e-6, lr_schedule="constant",
                       warmup_steps=0, min_lr=0.0, decay_steps=None, decay_with_budget=True, bf16=False, ema_decay=None,
                       betas=(0.5, 0.9), grad_clip=None, compile=False, log_every=50, sample_every=1000, val_images=256,
@@ -249,8 +249,9 @@ def _train(opts: TrainOptions, info, TSVImageText) -> dict:
                         x_hat, q = forward(x)
                         x_hat = x_hat.float()
                         rec = (x - x_hat).abs().mean()
+                        rec_l2 = (x - x_hat).pow(2).mean()
                         p_loss = lpips(x, x_hat).mean() if lpips is not None else torch.zeros((), device=device)
-                        nll = lcfg["l1_weight"] * rec + lcfg["perceptual_weight"] * p_loss
+                        nll = lcfg["l1_weight"] * rec + lcfg["l2_weight"] * rec_l2 + lcfg["perceptual_weight"] * p_loss
                         loss = nll + lcfg["codebook_weight"] * q.loss.float()
                         if disc_on:
                             g_loss = -disc(x_hat).float().mean()
@@ -262,7 +263,8 @@ def _train(opts: TrainOptions, info, TSVImageText) -> dict:
                     (loss / accum).backward()
                 fakes.append(x_hat.detach())
                 monitor.observe(q.ids, step + 1)
-                _acc(logs, loss=loss, rec_loss=rec, p_loss=p_loss, q_loss=q.loss, perplexity=q.perplexity)
+                _acc(logs, loss=loss, rec_loss=rec, l2_loss=rec_l2, p_loss=p_loss, q_loss=q.loss,  # rec_loss: L1
+                     perplexity=q.perplexity)
             if tcfg["grad_clip"]:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg["grad_clip"])
             opt_g.step()
