@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch.compile the training forward (train.compile); helps on GPUs, not on small CPU runs")
 
     vq = sub.add_parser("vqgan", help="train the VQGAN image tokenizer",
-                        description="Train a VQGAN (L1 + LPIPS + codebook loss, PatchGAN hinge discriminator).")
+                        description="Train a VQGAN (L1 and/or MSE + LPIPS + codebook loss, PatchGAN hinge "
+                                    "discriminator).")
     common(vq)
     tr = sub.add_parser("transformer", help="train the text-conditioned GPT or masked transformer over image ids",
                         description="Train the generator (kind gpt or mim, from the config) over a trained VQGAN's ids.")

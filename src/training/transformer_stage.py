@@ -11,7 +11,8 @@ Config: the sections of tokenpaint.transformer.presets (model, tokenizer, train,
 default the VQGAN's; shuffle) and these train keys: seed, decay_steps (the cosine horizon; default max_steps, so
 a run stopped by --max-steps and resumed keeps its schedule only if this is set), val_batches, sample_images,
 cache_batch_size; `bf16` may be "auto". With --max-minutes the decay also follows the share of the time budget used
-(train.decay_with_budget), so a time-limited run ends at min_lr. GPT trains with plain CE; "mim" with label smoothing on masked positions.
+(train.decay_with_budget), so a time-limited run ends at min_lr. GPT trains with plain CE; "mim" with label smoothing
+(train.label_smoothing) on masked positions.
 """
 from __future__ import annotations
 
@@ -227,7 +228,7 @@ def _train(opts: TrainOptions, info) -> dict:
     last_ckpt = ckpts.latest()
     budget = TimeBudget(opts.max_minutes, resume_state.get("train_seconds", 0.0) if resume_state else 0.0)
     budget.check_not_spent(last_ckpt)
-    time_fraction = budget.fraction() if tcfg["decay_with_budget"] else 0.0
+    time_fraction = budget.fraction()
     stop_reason, last_val, losses = "max_steps", None, []
     bar = progress_bar(max_steps, step, f"{kind}{' x%d' % world if world > 1 else ''}")
     window = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.monotonic()}
@@ -247,7 +248,8 @@ def _train(opts: TrainOptions, info) -> dict:
 
     with GracefulStop() as stop:
         while step < max_steps:
-            lr = cosine_lr(step, tcfg["warmup_steps"], decay_steps, tcfg["lr"], tcfg["min_lr"], time_fraction)
+            lr = cosine_lr(step, tcfg["warmup_steps"], decay_steps, tcfg["lr"], tcfg["min_lr"],
+                           time_fraction if tcfg["decay_with_budget"] else 0.0)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro = [corrupt(kind, *next(batches), corruption, model_config.cond_dropout, tcfg["mask_schedule"],
@@ -280,9 +282,8 @@ def _train(opts: TrainOptions, info) -> dict:
             window["steps"] += 1
             window["tokens"] += global_batch * accum * model_config.num_image_tokens
 
-            stop_requested, fraction = sync_progress(stop.requested, budget.fraction(), device)
-            stopping = (stop_requested or fraction >= 1.0) and step < max_steps
-            time_fraction = fraction if tcfg["decay_with_budget"] else 0.0
+            stop_requested, time_fraction = sync_progress(stop.requested, budget.fraction(), device)
+            stopping = (stop_requested or time_fraction >= 1.0) and step < max_steps
             last = stopping or step == max_steps  # the final model always gets a log line, val loss and samples
             if step == 1 or step % tcfg["log_every"] == 0 or last:
                 now = time.monotonic()
