@@ -17,7 +17,6 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
-import yaml
 from einops import rearrange
 from PIL import Image
 from tqdm.auto import tqdm
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 from .sampling import continue_image, img2img, inpaint, outpaint, pixel_mask_to_token_mask, sample_autoregressive
 from .sampling import sample_masked
 from .sampling.editing import pixel_mask_to_bool
+from .utils import read_yaml
 
 # used when train_config.yaml has no `sample:` section (the same values as tokenpaint.transformer.SAMPLE_DEFAULTS)
 BUILTIN_DEFAULTS = dict(steps=12, guidance_scale=3.0, top_k=100, top_p=1.0, temperature=1.0)
@@ -58,11 +58,7 @@ def read_sample_defaults(path: Path) -> dict:
     defaults = dict(BUILTIN_DEFAULTS)
     if not path.is_file():
         return defaults
-    with open(path, encoding="utf-8") as f:
-        try:
-            config = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: invalid YAML: {e}") from None
+    config = read_yaml(path) or {}
     section = config.get("sample") if isinstance(config, dict) else None
     if section is not None and not isinstance(section, dict):
         raise ValueError(f"{path}: section 'sample' must be a mapping, got {type(section).__name__}")

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
-from typing import Callable, Union
+from typing import Any, Callable, Union
+
+import yaml
 
 PathLike = Union[str, os.PathLike]
 
@@ -47,3 +50,22 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
             f.write(data)
 
     atomic_write(path, write)
+
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """SafeLoader that also reads exponents without a dot (`lr: 3e-4`) as floats, as YAML 1.2 does: PyYAML's 1.1
+    rules make them strings, which then fail far from the config (in the optimizer)."""
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def read_yaml(path: PathLike) -> Any:
+    """Parse a YAML file (safe: plain data only); malformed YAML -> ValueError naming the file."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            return yaml.load(f, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{os.fspath(path)}: invalid YAML: {e}") from None

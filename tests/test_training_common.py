@@ -58,6 +58,18 @@ def test_load_config_merges_defaults_and_names_unknown_keys(tmp_path):
         load_config(str(tmp_path / "nope.yaml"), {})
 
 
+def test_exponents_without_a_dot_read_as_floats(tmp_path):
+    # PyYAML's YAML 1.1 rules read `3e-3` as the string '3e-3', which then failed inside the optimizer
+    path = tmp_path / "cfg.yaml"
+    path.write_text("train:\n  lr: 3e-3\n  min_lr: -1E+2\n  steps: 100\n  name: run1e5\n")
+    cfg = load_config(str(path), {"train": {"lr": 1.0, "min_lr": 0.0, "steps": 10, "name": ""}})
+    assert cfg["train"] == {"lr": 0.003, "min_lr": -100.0, "steps": 100, "name": "run1e5"}
+    assert isinstance(cfg["train"]["steps"], int)
+    path.write_text("train: [unclosed\n")
+    with pytest.raises(ValueError, match=r"cfg.yaml: invalid YAML"):
+        load_config(str(path), {"train": {}})
+
+
 def test_train_options_validate_and_resume_command():
     with pytest.raises(ValueError, match="--bad-rows"):
         TrainOptions(stage="vqgan", data="a.tsv", config="c.yaml", out="o", bad_rows="ignore")

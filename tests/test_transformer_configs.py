@@ -88,6 +88,8 @@ def test_bad_yaml_is_reported_with_the_file(tmp_path):
         load_transformer_yaml(bad)
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
         load_transformer_yaml(tmp_path / "missing.yaml")
+    bad.write_text("model:\n  kind: gpt\ntrain:\n  lr: 5e-4\n")  # YAML 1.2 float, a string to plain PyYAML
+    assert load_transformer_yaml(bad)["train"]["lr"] == 5e-4
 
 
 def test_presets_build_configs_and_yaml_can_name_a_preset(tmp_path):

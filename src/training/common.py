@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from ..utils import atomic_write, atomic_write_bytes  # noqa: F401  (re-exported)
+from ..utils import atomic_write, atomic_write_bytes, read_yaml  # noqa: F401  (re-exported)
 
 # ----------------------------------------------------------------------------- options
 
@@ -108,11 +108,7 @@ def load_config(path: str, schema: dict[str, Any]) -> dict[str, dict]:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            raw = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: invalid YAML: {e}") from e
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping of sections ({', '.join(schema)}), got {type(raw).__name__}")
     out: dict[str, dict] = {}

@@ -10,8 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional, Union
 
-import yaml
-
+from ..utils import read_yaml
 from .gpt import GPTConfig
 from .masked import MaskedTransformerConfig
 
@@ -45,11 +44,7 @@ def load_transformer_yaml(path: Union[str, os.PathLike]) -> dict[str, dict[str, 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no transformer config at {path}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            raw = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: invalid YAML: {e}") from None
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping with sections model/tokenizer/train/sample")
     sections = {"model": {}, "tokenizer": TOKENIZER_DEFAULTS, "train": TRAIN_DEFAULTS, "sample": SAMPLE_DEFAULTS}

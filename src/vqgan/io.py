@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import VQGANConfig
-from ..utils import atomic_write
+from ..utils import atomic_write, read_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -135,12 +135,7 @@ def read_json_config(path: PathLike) -> VQGANConfig:
 
 
 def read_taming_yaml(path: PathLike) -> VQGANConfig:
-    import yaml
-
-    try:
-        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: invalid YAML: {e}") from None
+    doc = read_yaml(path)
     if not isinstance(doc, dict) or not isinstance(doc.get("model"), dict):
         raise ValueError(f"{path}: expected a taming config with a top-level `model:` section")
     return VQGANConfig.from_taming_yaml(doc["model"], source=str(path))
