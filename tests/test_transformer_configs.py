@@ -20,8 +20,8 @@ SHIPPED = {  # file -> (kind, n_layer, n_head, n_embd, preset with the same size
     "gpt_base.yaml": ("gpt", 12, 12, 768, "gpt_base"),
     "gpt_large.yaml": ("gpt", 24, 16, 1024, "gpt_large"),
     "mim_base.yaml": ("mim", 12, 12, 768, "mim_base"),
-    "demo/gpt.yaml": ("gpt", 4, 4, 128, "demo_gpt"),
-    "demo/mim.yaml": ("mim", 4, 4, 128, "demo_mim"),
+    "demo/gpt.yaml": ("gpt", 4, 4, 96, "demo_gpt"),
+    "demo/mim.yaml": ("mim", 4, 4, 96, "demo_mim"),
 }
 
 

@@ -19,8 +19,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt_base": dict(kind="gpt", n_layer=12, n_head=12, n_embd=768),  # pai-painter-base-zh
     "gpt_large": dict(kind="gpt", n_layer=24, n_head=16, n_embd=1024),  # pai-painter-large-zh
     "mim_base": dict(kind="mim", n_layer=12, n_head=12, n_embd=768),
-    "demo_gpt": dict(kind="gpt", n_layer=4, n_head=4, n_embd=128),  # 8x8 tokens, CPU demo
-    "demo_mim": dict(kind="mim", n_layer=4, n_head=4, n_embd=128),
+    "demo_gpt": dict(kind="gpt", n_layer=4, n_head=4, n_embd=96),  # 8x8 tokens, CPU demo
+    "demo_mim": dict(kind="mim", n_layer=4, n_head=4, n_embd=96),
 }
 
 CONFIG_CLASSES = {"gpt": GPTConfig, "mim": MaskedTransformerConfig}
