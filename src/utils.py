@@ -52,7 +52,6 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     atomic_write(path, write)
 
 
-
 class _ConfigLoader(yaml.SafeLoader):
     """SafeLoader that also reads exponents without a dot (`lr: 3e-4`) as floats, as YAML 1.2 does: PyYAML's 1.1
     rules make them strings, which then fail far from the config (in the optimizer)."""

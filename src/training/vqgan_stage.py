@@ -248,8 +248,8 @@ def _train(opts: TrainOptions, info, TSVImageText) -> dict:
                     with autocast():
                         x_hat, q = forward(x)
                         x_hat = x_hat.float()
-                        rec = (x - x_hat).abs().mean()
-                        rec_l2 = (x - x_hat).pow(2).mean()
+                        error = x - x_hat
+                        rec, rec_l2 = error.abs().mean(), error.pow(2).mean()  # L1 (taming), MSE (loss.l2_weight)
                         p_loss = lpips(x, x_hat).mean() if lpips is not None else torch.zeros((), device=device)
                         nll = lcfg["l1_weight"] * rec + lcfg["l2_weight"] * rec_l2 + lcfg["perceptual_weight"] * p_loss
                         loss = nll + lcfg["codebook_weight"] * q.loss.float()
