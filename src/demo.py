@@ -8,6 +8,10 @@ demo masked transformer (OUT/mim/) and the demo GPT (OUT/gpt/) with the configs 
 stage, then draws a grid of samples for DEMO_PROMPTS (English and Chinese) from each generator into OUT/samples.png,
 the prompt under each image (Chinese prompts in their English rendering, marked "zh:", when no CJK font is found).
 
+The two generators train side by side, each in its own process with half the CPU threads: models this small do not
+keep two cores busy, so in the same minutes each gets ~1.35x the steps it would get on all cores one after the other
+(--one-at-a-time turns this off). Their output goes to OUT/logs/{mim,gpt}.log; a progress line per stage is shown.
+
 Running it again reuses what is there: a stage whose run directory holds a finished model is skipped, a half-finished
 one (checkpoints but no final model) resumes from its latest checkpoint.
 """
@@ -16,10 +20,14 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import multiprocessing
 import os
+import pickle
+import queue
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -30,9 +38,10 @@ from .data import (DEMO_PROMPTS, DEMO_VOCAB_SIZE, TextTokenizer, describe_scene,
 from .data.demo import COLOR_ZH, SHAPE_ZH, SIZE_ZH
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "demo"  # the repo's configs/ (editable install)
-# The VQGAN gets the most: below ~1000 steps its reconstructions lose the object colour (measured with
-# benchmarks/demo_quality.py --recon), which caps both generators. + data, caches, sampling (~1 min) + venv: < 15 min
-DEFAULT_MINUTES = {"vqgan": 6.0, "mim": 3.0, "gpt": 3.0}
+# Below ~1000 steps the VQGAN's reconstructions lose the object colour (measured with benchmarks/demo_quality.py
+# --recon), which caps both generators. The generators train side by side, so the wall time is vqgan + max(mim, gpt)
+# + data, caches, sampling (~1 min) + venv: < 15 min.
+DEFAULT_MINUTES = {"vqgan": 6.0, "mim": 6.0, "gpt": 6.0}
 ATTRIBUTES = ("color", "shape", "size", "horizontal", "vertical")
 CELL = 128  # pixels per sample in the grid (32x32 images scaled up, nearest)
 # Chinese has no spaces to stop BPE merges: at vocab 400 they fused whole phrases ("色圆形", "一个小的橙") while
@@ -144,6 +153,95 @@ def run_stage(name: str, run_dir: str, minutes: float, *, data: str, val: str, c
     return f"{'resumed' if resume else 'trained'} to step {summary['step']}"
 
 
+def _stage_process(name: str, stage_kwargs: dict, threads: int, log_path: str, results) -> None:
+    """One stage in a child process: `threads` torch threads, stdout/stderr into log_path, the outcome on `results`."""
+    import torch
+
+    torch.set_num_threads(threads)
+    with open(log_path, "a", encoding="utf-8") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            results.put((name, run_stage(name, **stage_kwargs), None))
+        except BaseException as e:  # noqa: B902  (reported to the parent, which re-raises it)
+            traceback.print_exc()
+            try:
+                pickle.dumps(e)
+            except Exception:  # noqa: BLE001
+                e = RuntimeError(f"{type(e).__name__}: {e}")
+            results.put((name, None, e))
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+
+
+def _last_logged(run_dir: str) -> tuple[int, Optional[float]]:
+    """(step, loss) of the last line of run_dir/metrics.jsonl that has a loss; (0, None) before there is one."""
+    try:
+        with open(os.path.join(run_dir, "metrics.jsonl"), "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return 0, None
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:  # the first line of the window may be cut, the last one half-written
+            continue
+        if "loss" in record:
+            return int(record["step"]), float(record["loss"])
+    return 0, None
+
+
+def run_stages_side_by_side(stages: dict[str, dict], threads: int, log_dir: str) -> dict[str, str]:
+    """Train stages at the same time, one process each with `threads` torch threads (run_stage's keyword arguments
+    per stage name). Shows a progress line per stage from its metrics.jsonl; re-raises the first stage's error (its
+    log's tail printed). Returns what each stage did."""
+    from tqdm.auto import tqdm
+
+    os.makedirs(log_dir, exist_ok=True)
+    context = multiprocessing.get_context("spawn")  # no fork after torch has started its thread pools
+    results = context.Queue()
+    logs = {name: os.path.join(log_dir, f"{name}.log") for name in stages}
+    processes = {name: context.Process(target=_stage_process, args=(name, kwargs, threads, logs[name], results),
+                                       name=f"demo-{name}") for name, kwargs in stages.items()}
+    bars = {name: tqdm(desc=name, unit="step", position=i, dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+            for i, name in enumerate(stages)}
+    outcomes: dict[str, tuple[Optional[str], Optional[BaseException]]] = {}
+    for process in processes.values():
+        process.start()
+    try:
+        while len(outcomes) < len(stages):
+            try:
+                name, what, error = results.get(timeout=1.0)
+                outcomes[name] = (what, error)
+            except queue.Empty:
+                pass
+            for name, bar in bars.items():
+                step, loss = _last_logged(stages[name]["run_dir"])
+                bar.update(step - bar.n)
+                if loss is not None:
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            for name, process in processes.items():
+                if name not in outcomes and not process.is_alive() and results.empty():
+                    outcomes[name] = (None, RuntimeError(f"the {name} process died (exit code {process.exitcode})"))
+    finally:  # Ctrl-C reaches the children too: they save a checkpoint and stop, so wait for them
+        for process in processes.values():
+            process.join()
+        for bar in bars.values():
+            bar.close()
+    for name, (what, error) in outcomes.items():
+        if error is not None:
+            try:
+                with open(logs[name], encoding="utf-8", errors="replace") as f:
+                    tail = "".join(f.readlines()[-15:])
+            except OSError:  # the process died before it wrote anything
+                tail = "(nothing)"
+            print(f"[demo] {name} failed; the end of {logs[name]}:\n{tail}", file=sys.stderr, flush=True)
+            raise error
+    return {name: what for name, (what, _) in outcomes.items()}
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # the sample grid
 
@@ -241,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--minutes-{stage}", type=float, default=minutes, metavar="M",
                        help=f"training budget of the {stage} stage in minutes (default: {minutes})")
     p.add_argument("--skip-gpt", action="store_true", help="train and sample only the masked transformer")
+    p.add_argument("--one-at-a-time", action="store_true",
+                   help="train the two generators one after the other on all threads, not side by side (each still "
+                        "gets its --minutes-*, so this takes longer)")
     p.add_argument("--seed", type=int, default=0, help="seed of the dataset, the training runs and the samples")
     p.add_argument("--num-train", type=int, default=4000, help="training rows of the built-in dataset")
     p.add_argument("--num-val", type=int, default=256, help="validation rows of the built-in dataset")
@@ -279,7 +380,7 @@ def run_demo(args) -> dict:
         timings[stage] = seconds
         print(f"[demo] {stage:<8} {seconds:7.1f} s  {what}", flush=True)
 
-    t0 = time.monotonic()
+    t0 = start = time.monotonic()
     marker = os.path.join(out, "data", "dataset.json")
     before = os.stat(marker).st_mtime_ns if os.path.isfile(marker) else None
     train_tsv, val_tsv, _ = prepare_data(os.path.join(out, "data"), args.num_train, args.num_val, args.seed)
@@ -292,15 +393,33 @@ def run_demo(args) -> dict:
 
     vqgan_dir = os.path.join(out, "vqgan")
     kinds = ["mim"] + ([] if args.skip_gpt else ["gpt"])
-    for name in ["vqgan", *kinds]:
+
+    def stage_kwargs(name: str) -> dict:
+        return dict(run_dir=os.path.join(out, name), minutes=getattr(args, f"minutes_{name}"), data=train_tsv,
+                    val=val_tsv, config=os.path.join(args.config_dir, f"{name}.yaml"), seed=args.seed,
+                    vqgan_dir=None if name == "vqgan" else vqgan_dir, tokenizer=None if name == "vqgan" else tokenizer)
+
+    to_train = [name for name in kinds if stage_state(os.path.join(out, name)) != "done"]
+    together = to_train if len(to_train) > 1 and not args.one_at_a_time else []
+    for name in ["vqgan", *[kind for kind in kinds if kind not in together]]:
         t0 = time.monotonic()
         print(f"[demo] {name}: training for up to {getattr(args, f'minutes_{name}')} min -> "
               f"{os.path.join(out, name)}", flush=True)
-        what = run_stage(name, os.path.join(out, name), getattr(args, f"minutes_{name}"), data=train_tsv,
-                         val=val_tsv, config=os.path.join(args.config_dir, f"{name}.yaml"), seed=args.seed,
-                         vqgan_dir=None if name == "vqgan" else vqgan_dir,
-                         tokenizer=None if name == "vqgan" else tokenizer)
+        what = run_stage(name, **stage_kwargs(name))
         log(name, time.monotonic() - t0, f"{what} ({os.path.join(out, name)})")
+    if together:
+        import torch
+
+        threads = max(1, torch.get_num_threads() // len(together))
+        t0 = time.monotonic()
+        print(f"[demo] {' + '.join(together)}: training side by side, {threads} thread(s) each, for up to "
+              f"{' / '.join(str(getattr(args, f'minutes_{name}')) for name in together)} min -> "
+              f"{', '.join(os.path.join(out, name) for name in together)} (logs in {os.path.join(out, 'logs')})",
+              flush=True)
+        done = run_stages_side_by_side({name: stage_kwargs(name) for name in together}, threads,
+                                       os.path.join(out, "logs"))
+        for name in together:
+            log(name, time.monotonic() - t0, f"{done[name]} ({os.path.join(out, name)}, side by side)")
 
     t0 = time.monotonic()
     prompts = list(DEMO_PROMPTS)
@@ -322,7 +441,7 @@ def run_demo(args) -> dict:
     for kind, score in scores.items():
         print(f"[demo] {kind}: {score['match']:.0%} of the samples match their prompt in colour, shape and position "
               f"(measure_scene; benchmarks/demo_quality.py measures this on held-out prompts)", flush=True)
-    print(f"[demo] done in {sum(timings.values()) / 60:.1f} min: samples in {samples}; try\n"
+    print(f"[demo] done in {(time.monotonic() - start) / 60:.1f} min: samples in {samples}; try\n"
           f"  python generate.py --model {os.path.join(out, kinds[0])} --prompt \"a large red circle on the left\" "
           f"--out-dir {os.path.join(out, 'generated')}", flush=True)
     return {"timings": timings, "samples": samples, "scores": scores}

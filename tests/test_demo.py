@@ -140,6 +140,9 @@ def test_demo_end_to_end_then_reuse_then_resume(tmp_path, capsys):
     for stage in ("data", "vqgan", "mim", "gpt", "samples"):
         assert f"[demo] {stage}" in printed
     assert "trained to step 2" in printed
+    assert "mim + gpt: training side by side" in printed  # the generators, each in its own process
+    for kind in ("mim", "gpt"):
+        assert "saved" in (out / "logs" / f"{kind}.log").read_text()  # the child's output went to its log
     for kind in ("vqgan", "mim", "gpt"):
         assert demo.stage_state(str(out / kind)) == "done"
     with Image.open(out / "samples.png") as grid:
@@ -162,3 +165,25 @@ def test_demo_end_to_end_then_reuse_then_resume(tmp_path, capsys):
     assert demo.main(argv) == 0
     assert "resumed to step 2" in capsys.readouterr().out
     assert demo.stage_state(str(out / "gpt")) == "done"
+
+
+def test_a_failing_side_by_side_stage_is_reported_and_the_other_one_finishes(tmp_path, capsys):
+    configs = tiny_configs(tmp_path / "configs")
+    with open(os.path.join(configs, "gpt.yaml"), "a", encoding="utf-8") as f:
+        f.write("extra_section:\n  x: 1\n")
+    out = tmp_path / "demo"
+    argv = ["--out", str(out), "--config-dir", configs, "--num-train", "12", "--num-val", "4", "--seed", "3"]
+    assert demo.main(argv) == 2  # the child's ValueError, re-raised in the parent
+    captured = capsys.readouterr()
+    assert "gpt.yaml" in captured.err and "unknown section 'extra_section'" in captured.err
+    assert f"[demo] gpt failed; the end of {out / 'logs' / 'gpt.log'}" in captured.err
+    assert 'File "' in captured.err  # the tail of the child's traceback
+    assert demo.stage_state(str(out / "mim")) == "done"  # the other stage was not cut short
+    assert demo.stage_state(str(out / "gpt")) == "new"
+
+
+def test_last_logged_reads_the_newest_loss_and_skips_a_half_written_line(tmp_path):
+    assert demo._last_logged(str(tmp_path)) == (0, None)  # no metrics yet
+    (tmp_path / "metrics.jsonl").write_text('{"step": 10, "loss": 2.5}\n{"step": 10, "val_loss": 2.7}\n'
+                                            '{"step": 20, "loss": 2.25}\n{"step": 30, "lo')
+    assert demo._last_logged(str(tmp_path)) == (20, 2.25)

@@ -1,0 +1,79 @@
+"""Why `make demo` trains its two generators side by side: steps per second of the demo masked transformer and GPT
+trained one after the other on all threads, then both at once, each in its own process with half the threads.
+
+    python benchmarks/side_by_side.py [--seconds 20] [--threads N]
+
+In the same wall time W, one after the other gives each model W/2 at its all-threads rate; side by side gives each W
+at its half-threads rate (both running). The printed ratio, 2 x side-by-side rate / alone rate, is how many more
+steps each generator gets in the demo's minutes. Batches are random ids (the data pipeline is not measured); the
+models are the demo_gpt / demo_mim presets with the demo's shapes (8x8 image ids, 1024 codes, 16 text ids, batch 32).
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import time
+
+import torch
+
+from _common import add_common_args, print_table, random_text, setup
+
+KINDS = ("mim", "gpt")
+
+
+def steps_per_second(kind: str, threads: int, seconds: float, seed: int) -> float:
+    from tokenpaint.training.transformer_data import summed_cross_entropy
+    from tokenpaint.transformer import GPT, MaskedTransformer, preset_config
+
+    torch.set_num_threads(threads)
+    config = preset_config(f"demo_{kind}", image_size=8, codebook_size=1024, text_vocab_size=400, text_len=16)
+    model = (GPT if kind == "gpt" else MaskedTransformer)(config)
+    optimizer = model.configure_optimizers(weight_decay=0.05, lr=1e-3)
+    text = random_text(32, config.text_len, config.text_vocab_size, seed)
+    ids = torch.randint(0, config.codebook_size, (32, config.num_image_tokens),
+                        generator=torch.Generator().manual_seed(seed))
+    inputs, targets = model.masked_training_batch(ids, None) if kind == "mim" else (ids, ids)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        logits, _ = model(text, inputs)
+        (summed_cross_entropy(logits, targets, 0.0) / int((targets != -100).sum())).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    for _ in range(3):
+        step()
+    start, steps = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        step()
+        steps += 1
+    return steps / (time.perf_counter() - start)
+
+
+def _child(kind, threads, seconds, seed, results):
+    results.put((kind, steps_per_second(kind, threads, seconds, seed)))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seconds", type=float, default=20.0, help="timed training per measurement")
+    add_common_args(p)
+    args = p.parse_args()
+    setup(args)
+    alone = {kind: steps_per_second(kind, args.threads, args.seconds, args.seed) for kind in KINDS}
+    half = max(1, args.threads // 2)
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    children = [context.Process(target=_child, args=(kind, half, args.seconds, args.seed, results)) for kind in KINDS]
+    for child in children:
+        child.start()
+    together = dict(results.get() for _ in children)
+    for child in children:
+        child.join()
+    print_table(["model", f"alone, {args.threads} threads (steps/s)", f"side by side, {half} each (steps/s)",
+                 "steps in the same wall time (side by side / one after the other)"],
+                [[kind, alone[kind], together[kind], 2 * together[kind] / alone[kind]] for kind in KINDS])
+
+
+if __name__ == "__main__":
+    main()
