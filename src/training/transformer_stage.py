@@ -42,9 +42,8 @@ from .transformer_samples import sample_grid, validation_loss
 MODEL_KEYS = {"kind", "preset"} | {f.name for cls in (GPTConfig, MaskedTransformerConfig) for f in fields(cls)}
 # Keys this stage adds to tokenpaint.transformer.TRAIN_DEFAULTS (None = derived).
 STAGE_TRAIN_DEFAULTS = dict(seed=0, decay_steps=None, val_batches=8, sample_images=4, cache_batch_size=64)
-SAMPLE_SCHEMA = dict(SAMPLE_DEFAULTS, choice_temperature=4.5, schedule="cosine", guidance_schedule="constant")
 SCHEMA = {"model": MODEL_KEYS, "tokenizer": dict(TOKENIZER_DEFAULTS), "train": {**TRAIN_DEFAULTS, **STAGE_TRAIN_DEFAULTS},
-          "sample": SAMPLE_SCHEMA, "data": dict(resolution=None, shuffle=True)}
+          "sample": dict(SAMPLE_DEFAULTS), "data": dict(resolution=None, shuffle=True)}
 MODEL_CLASSES = {"gpt": GPT, "mim": MaskedTransformer}
 
 

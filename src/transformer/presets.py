@@ -31,7 +31,9 @@ TRAIN_DEFAULTS: dict[str, Any] = dict(
     val_every=500, sample_every=1000, ckpt_every=1000, keep_checkpoints=3, num_workers=0,
     decay_with_budget=True, compile=False,  # lr decay also follows --max-minutes; torch.compile the training forward
 )
-SAMPLE_DEFAULTS: dict[str, Any] = dict(steps=12, guidance_scale=3.0, top_k=100, top_p=1.0, temperature=1.0)
+# The last three only affect masked decoding (MaskGIT's choice temperature, mask and guidance schedules).
+SAMPLE_DEFAULTS: dict[str, Any] = dict(steps=12, guidance_scale=3.0, top_k=100, top_p=1.0, temperature=1.0,
+                                       choice_temperature=4.5, schedule="cosine", guidance_schedule="constant")
 TOKENIZER_DEFAULTS: dict[str, Any] = dict(vocab_size=8000)
 
 
