@@ -116,6 +116,34 @@ def random_text(batch: int, text_len: int = 32, vocab: int = 8000, seed: int = 0
     return torch.randint(1, vocab, (batch, text_len), generator=g)
 
 
+def make_step(model, batch: int, autocast_dtype, seed: int, foreach_adamw: bool = False):
+    """A closure running one optimiser step on a fixed random batch (the data pipeline is not measured)."""
+    c = model.config
+    text = random_text(batch, c.text_len, c.text_vocab_size, seed)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, c.codebook_size, (batch, c.num_image_tokens), generator=g)
+    if c.kind == "mim":
+        inputs, targets = model.masked_training_batch(ids, g)
+    else:
+        inputs, targets = ids, ids
+    opt = model.configure_optimizers(weight_decay=0.05, lr=3e-4)
+    if foreach_adamw:  # the per-tensor-group AdamW the library used before fused=True on CPU, for comparison
+        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups]
+        opt = torch.optim.AdamW(groups, lr=3e-4, betas=opt.defaults["betas"], foreach=True)
+    model.train()
+
+    def step():
+        with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            _, loss = model(text, inputs, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     """A GitHub-markdown table (pastes straight into docs/PERFORMANCE.md)."""
     cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]

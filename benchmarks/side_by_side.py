@@ -16,31 +16,17 @@ import time
 
 import torch
 
-from _common import add_common_args, print_table, random_text, setup
+from _common import add_common_args, make_step, print_table, setup
 
 KINDS = ("mim", "gpt")
 
 
 def steps_per_second(kind: str, threads: int, seconds: float, seed: int) -> float:
-    from tokenpaint.training.transformer_data import summed_cross_entropy
     from tokenpaint.transformer import GPT, MaskedTransformer, preset_config
 
     torch.set_num_threads(threads)
     config = preset_config(f"demo_{kind}", image_size=8, codebook_size=1024, text_vocab_size=400, text_len=16)
-    model = (GPT if kind == "gpt" else MaskedTransformer)(config)
-    optimizer = model.configure_optimizers(weight_decay=0.05, lr=1e-3)
-    text = random_text(32, config.text_len, config.text_vocab_size, seed)
-    ids = torch.randint(0, config.codebook_size, (32, config.num_image_tokens),
-                        generator=torch.Generator().manual_seed(seed))
-    inputs, targets = model.masked_training_batch(ids, None) if kind == "mim" else (ids, ids)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        logits, _ = model(text, inputs)
-        (summed_cross_entropy(logits, targets, 0.0) / int((targets != -100).sum())).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-
+    step = make_step((GPT if kind == "gpt" else MaskedTransformer)(config), 32, None, seed)
     for _ in range(3):
         step()
     start, steps = time.perf_counter(), 0
