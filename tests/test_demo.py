@@ -187,3 +187,14 @@ def test_last_logged_reads_the_newest_loss_and_skips_a_half_written_line(tmp_pat
     (tmp_path / "metrics.jsonl").write_text('{"step": 10, "loss": 2.5}\n{"step": 10, "val_loss": 2.7}\n'
                                             '{"step": 20, "loss": 2.25}\n{"step": 30, "lo')
     assert demo._last_logged(str(tmp_path)) == (20, 2.25)
+
+
+def test_one_at_a_time_trains_the_generators_in_this_process(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["--out", str(out), "--config-dir", tiny_configs(tmp_path / "configs"), "--num-train", "12", "--num-val", "4",
+            "--images-per-prompt", "1", "--one-at-a-time"]
+    assert demo.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "side by side" not in printed and not (out / "logs").exists()
+    assert printed.index("[demo] mim: training for up to") < printed.index("[demo] gpt: training for up to")
+    assert all(demo.stage_state(str(out / kind)) == "done" for kind in ("mim", "gpt"))
