@@ -4,11 +4,27 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from typing import Any, Callable, Union
+from typing import Any, Callable, Mapping, Union
 
 import yaml
 
 PathLike = Union[str, os.PathLike]
+
+
+def state_dict_mismatch(expected: Mapping[str, Any], found: Mapping[str, Any], limit: int = 10) -> str:
+    """"" when `found` (tensors from a file) fits `expected` (a model's state_dict) key for key and shape for shape;
+    otherwise one line naming the missing keys, the unexpected keys and the shape mismatches (the first `limit` of
+    each, with their counts). Every strict loader in the package reports through it."""
+    missing = [k for k in expected if k not in found]
+    unexpected = sorted(k for k in found if k not in expected)
+    shapes = [f"{k}: file {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in expected if k in found and tuple(found[k].shape) != tuple(expected[k].shape)]
+    parts = []
+    for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+        if items:
+            more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+            parts.append(f"{what} ({len(items)}): {', '.join(items[:limit])}{more}")
+    return "; ".join(parts)
 
 
 def fsync_dir(directory: PathLike) -> None:

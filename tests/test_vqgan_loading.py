@@ -104,7 +104,7 @@ def test_model_yaml_beside_the_ckpt_gives_the_architecture(tmp_path):
         VQGAN.from_pretrained(ckpt)
     msg = str(e.value)
     assert str(ckpt) in msg and "model.yaml" in msg
-    assert "quantize.embedding.weight: checkpoint (64, 16) vs model (99, 16)" in msg
+    assert "quantize.embedding.weight: file (64, 16) vs model (99, 16)" in msg
 
 
 def test_bare_state_dict_file_loads(tmp_path):
@@ -166,9 +166,9 @@ def test_weights_that_do_not_fit_the_config_name_keys_and_shapes(tmp_path):
         VQGAN.from_pretrained(tmp_path)
     msg = str(e.value)
     assert str(tmp_path / "model.safetensors") in msg
-    assert "Missing keys (28)" in msg and "encoder.down.2.block.0.conv1.weight" in msg
-    assert "Unexpected keys (30)" in msg and "decoder.up.1.attn.0.q.weight" in msg
-    assert "quantize.embedding.weight: checkpoint (64, 16) vs model (128, 16)" in msg
+    assert "missing keys (28)" in msg and "encoder.down.2.block.0.conv1.weight" in msg
+    assert "unexpected keys (30)" in msg and "decoder.up.1.attn.0.q.weight" in msg
+    assert "quantize.embedding.weight: file (64, 16) vs model (128, 16)" in msg
 
 
 def test_ckpt_with_pickled_object_is_refused_unless_opted_in(tmp_path):

@@ -9,7 +9,7 @@ from typing import Union
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..utils import atomic_write
+from ..utils import atomic_write, state_dict_mismatch
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -61,28 +61,9 @@ def load_state_dict_strict(model: torch.nn.Module, weights_path: PathLike) -> No
 
 
 def check_state_dict(model: torch.nn.Module, state: dict, source: str) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(state))
-        if tuple(state[k].shape) != tuple(expected[k].shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {_short(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys {_short(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatches {_short(mismatched)}")
+    problems = state_dict_mismatch(model.state_dict(), state)
     if problems:
-        raise ValueError(f"{source} does not match {type(model).__name__}: " + "; ".join(problems))
-
-
-def _short(items: list, limit: int = 10) -> str:
-    shown = ", ".join(items[:limit])
-    return f"[{shown}{f', ... ({len(items) - limit} more)' if len(items) > limit else ''}]"
+        raise ValueError(f"{source} does not match {type(model).__name__}: {problems}")
 
 
 def load_generator(directory: PathLike, map_location: Union[str, torch.device] = "cpu"):

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import VQGANConfig
-from ..utils import atomic_write, read_yaml
+from ..utils import atomic_write, read_yaml, state_dict_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -207,31 +207,11 @@ def infer_config(sd: Mapping[str, torch.Tensor], source: PathLike = "checkpoint"
 # ---------------------------------------------------------------------------------------------------------------
 # strict loading
 # ---------------------------------------------------------------------------------------------------------------
-def _listing(keys, limit: int = 12) -> str:
-    keys = list(keys)
-    more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
 def check_state_dict(expected: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], source: str) -> None:
     """Raise one CheckpointError listing missing keys, unexpected keys and shape mismatches."""
-    missing = [k for k in expected if k not in sd]
-    unexpected = sorted(k for k in sd if k not in expected)
-    shapes = [
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)
-    ]
-    if not (missing or unexpected or shapes):
-        return
-    parts = [f"{source}: weights do not fit the model configuration."]
-    if missing:
-        parts.append(f"Missing keys ({len(missing)}): {_listing(missing)}.")
-    if unexpected:
-        parts.append(f"Unexpected keys ({len(unexpected)}): {_listing(unexpected)}.")
-    if shapes:
-        parts.append(f"Shape mismatches ({len(shapes)}): {_listing(shapes, 8)}.")
-    raise CheckpointError(" ".join(parts))
+    problems = state_dict_mismatch(expected, sd)
+    if problems:
+        raise CheckpointError(f"{source}: weights do not fit the model configuration: {problems}")
 
 
 def build_from_state_dict(config: VQGANConfig, sd: StateDict, source: str):

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..utils import state_dict_mismatch
+
 # torchvision's vgg16 `features`: conv channel plan, "M" = max-pool. Indices into the Sequential match torchvision.
 _VGG16_PLAN = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 # LPIPS taps the ReLU outputs relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 = features[3], [8], [15], [22], [29].
@@ -76,14 +78,9 @@ def _load_state_file(path: str, what: str) -> dict[str, torch.Tensor]:
 
 
 def _strict_load(module: nn.Module, state: dict[str, torch.Tensor], path: str, what: str) -> None:
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        raise ValueError(f"{what}: {path} does not match: missing keys {missing}, unexpected keys {unexpected}, "
-                         f"shape mismatches {mismatched}")
+    problems = state_dict_mismatch(module.state_dict(), state)
+    if problems:
+        raise ValueError(f"{what}: {path} does not match: {problems}")
     module.load_state_dict(state, strict=True)
 
 
