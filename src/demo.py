@@ -13,8 +13,8 @@ keep two cores busy, so in the same minutes each gets ~1.1-1.35x the steps it wo
 other (benchmarks/side_by_side.py; --one-at-a-time turns this off). Their output goes to OUT/logs/{mim,gpt}.log; a
 progress line per stage is shown.
 
-Running it again reuses what is there: a stage whose run directory holds a finished model is skipped, a half-finished
-one (checkpoints but no final model) resumes from its latest checkpoint.
+Running it again reuses what is there: a stage that trained to the end of its budget is skipped, one that was cut off
+(Ctrl-C or SIGTERM, which save a checkpoint and stop the demo, or a kill) resumes from its latest checkpoint.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .data import (DEMO_PROMPTS, DEMO_VOCAB_SIZE, TextTokenizer, describe_scene, iter_rows, make_demo_dataset,
                    measure_scene, parse_caption)
 from .data.demo import COLOR_ZH, SHAPE_ZH, SIZE_ZH
+from .utils import atomic_write_bytes
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "demo"  # the repo's configs/ (editable install)
 # Below ~1000 steps the VQGAN's reconstructions lose the object colour (measured with benchmarks/demo_quality.py
@@ -82,14 +83,23 @@ def summarize_verdicts(verdicts: Sequence[dict[str, bool]]) -> dict[str, float]:
 # stages
 
 
+FINISHED_RECORD = "demo_finished.json"  # written once a stage has trained to the end of its budget (or max_steps)
+
+
+class StageStopped(KeyboardInterrupt):
+    """A stage stopped by Ctrl-C or SIGTERM: it saved a checkpoint, and the next run of the demo resumes it."""
+
+
 def stage_state(run_dir: str) -> str:
-    """"done" (a final model is saved), "partial" (checkpoints only: resume) or "new"."""
-    if os.path.isfile(os.path.join(run_dir, "model.safetensors")) and os.path.isfile(
-            os.path.join(run_dir, "config.json")):
+    """"done" (trained to the end, final model saved), "partial" (checkpoints to resume: a stage cut off by Ctrl-C,
+    SIGTERM or a kill) or "new". A stage stopped by a signal also saves its model, so the model alone does not mean
+    done; a model with no checkpoints beside it (put there by hand) does."""
+    has_model = os.path.isfile(os.path.join(run_dir, "model.safetensors")) and os.path.isfile(
+        os.path.join(run_dir, "config.json"))
+    has_checkpoints = bool(glob.glob(os.path.join(run_dir, "checkpoints", "step_*.pt")))
+    if has_model and (os.path.isfile(os.path.join(run_dir, FINISHED_RECORD)) or not has_checkpoints):
         return "done"
-    if glob.glob(os.path.join(run_dir, "checkpoints", "step_*.pt")):
-        return "partial"
-    return "new"
+    return "partial" if has_checkpoints else "new"
 
 
 def prepare_data(data_dir: str, num_train: int, num_val: int, seed: int) -> tuple[str, str, str]:
@@ -106,8 +116,7 @@ def prepare_data(data_dir: str, num_train: int, num_val: int, seed: int) -> tupl
     if os.path.isfile(stale_tokenizer):  # trained on the captions being replaced
         os.remove(stale_tokenizer)
     paths = make_demo_dataset(data_dir, **params)
-    with open(marker, "w", encoding="utf-8") as f:
-        json.dump(params, f)
+    atomic_write_bytes(marker, json.dumps(params).encode())  # written last: a half-written dataset is rebuilt
     return paths
 
 
@@ -117,17 +126,15 @@ def prepare_tokenizer(train_tsv: str, path: str) -> str:
         prefix = os.path.join(os.path.dirname(path), "spm", "tokenizer")
         trained = TextTokenizer.train((row.text for row in iter_rows(train_tsv)), prefix, vocab_size=DEMO_VOCAB_SIZE,
                                       user_defined_symbols=list(DEMO_ZH_WORDS))
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(trained.model_file, "rb") as src, open(tmp, "wb") as dst:
-            dst.write(src.read())
-        os.replace(tmp, path)  # atomic: a half-written tokenizer is never reused
+        with open(trained.model_file, "rb") as f:
+            atomic_write_bytes(path, f.read())  # a half-written tokenizer is never reused
     return path
 
 
 def run_stage(name: str, run_dir: str, minutes: float, *, data: str, val: str, config: str, seed: int,
               vqgan_dir: Optional[str] = None, tokenizer: Optional[str] = None) -> str:
     """Train one stage in-process unless its run directory already holds a finished model. Returns what it did."""
-    from .training.common import TrainOptions
+    from .training.common import BudgetSpent, TrainOptions
 
     state = stage_state(run_dir)
     if state == "done":
@@ -141,17 +148,31 @@ def run_stage(name: str, run_dir: str, minutes: float, *, data: str, val: str, c
     opts = TrainOptions(stage=stage, data=data, val=val, config=None if resume else config, out=run_dir,
                         max_minutes=minutes, seed=None if resume else seed, resume=resume,
                         vqgan_dir=None if resume else vqgan_dir, tokenizer=None if resume else tokenizer, argv=argv)
-    if stage == "vqgan":
-        from .training.vqgan_stage import train_vqgan
+    try:
+        if stage == "vqgan":
+            from .training.vqgan_stage import train_vqgan
 
-        summary = train_vqgan(opts)
-    else:
-        from .training.transformer_stage import train_transformer
+            summary = train_vqgan(opts)
+        else:
+            from .training.transformer_stage import train_transformer
 
-        summary = train_transformer(opts)
+            summary = train_transformer(opts)
+    except BudgetSpent as e:  # it trained its whole budget but was not recorded as finished (killed at the very end)
+        if not os.path.isfile(os.path.join(run_dir, "model.safetensors")):  # killed before the final model was saved
+            raise ValueError(f"{name}: {e} (here: --minutes-{name}), or delete {run_dir} to train it again") from e
+        _record_finished(run_dir, {"stopped": "time budget"})
+        return "reused"
+    if summary["stopped"] not in ("max_steps", "time budget"):
+        raise StageStopped(f"{name} stopped at step {summary['step']} ({summary['stopped']}); its checkpoint is in "
+                           f"{os.path.join(run_dir, 'checkpoints')}")
+    _record_finished(run_dir, {"step": summary["step"], "stopped": summary["stopped"]})
     if stage_state(run_dir) != "done":
         raise RuntimeError(f"{name} stage finished without a model in {run_dir}")
     return f"{'resumed' if resume else 'trained'} to step {summary['step']}"
+
+
+def _record_finished(run_dir: str, what: dict) -> None:
+    atomic_write_bytes(os.path.join(run_dir, FINISHED_RECORD), json.dumps(what).encode())
 
 
 def _stage_process(name: str, stage_kwargs: dict, threads: int, log_path: str, results) -> None:
@@ -404,8 +425,9 @@ def run_demo(args) -> dict:
     together = to_train if len(to_train) > 1 and not args.one_at_a_time else []
     for name in ["vqgan", *[kind for kind in kinds if kind not in together]]:
         t0 = time.monotonic()
-        print(f"[demo] {name}: training for up to {getattr(args, f'minutes_{name}')} min -> "
-              f"{os.path.join(out, name)}", flush=True)
+        if stage_state(os.path.join(out, name)) != "done":
+            print(f"[demo] {name}: training for up to {getattr(args, f'minutes_{name}')} min -> "
+                  f"{os.path.join(out, name)}", flush=True)
         what = run_stage(name, **stage_kwargs(name))
         log(name, time.monotonic() - t0, f"{what} ({os.path.join(out, name)})")
     if together:
@@ -455,6 +477,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # the stages saved their checkpoints
+        print(f"\n[demo] stopped: {e or 'interrupted'}; run it again to resume", file=sys.stderr)
+        return 130
     return 0
 
 

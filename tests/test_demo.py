@@ -1,6 +1,7 @@
 """`python -m tokenpaint.demo`: judging samples against prompts, the grid, stage reuse/resume, the whole orchestration
 with tiny models (a few optimizer steps each)."""
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -77,7 +78,13 @@ def test_stage_state(tmp_path):
     assert demo.stage_state(str(run)) == "partial"
     (run / "config.json").write_text("{}")
     (run / "model.safetensors").write_bytes(b"")
+    assert demo.stage_state(str(run)) == "partial"  # a stage stopped by Ctrl-C saves its model too
+    (run / demo.FINISHED_RECORD).write_text('{"step": 10, "stopped": "time budget"}')
     assert demo.stage_state(str(run)) == "done"
+    for checkpoint in (run / "checkpoints").iterdir():
+        checkpoint.unlink()
+    (run / demo.FINISHED_RECORD).unlink()
+    assert demo.stage_state(str(run)) == "done"  # a model put there by hand, no run to resume
 
 
 def test_prepare_data_is_written_once_per_parameter_set(tmp_path):
@@ -153,7 +160,8 @@ def test_demo_end_to_end_then_reuse_then_resume(tmp_path, capsys):
     # again: everything is reused, nothing retrained
     weights = {kind: os.stat(out / kind / "model.safetensors").st_mtime_ns for kind in ("vqgan", "mim", "gpt")}
     assert demo.main(argv) == 0
-    assert capsys.readouterr().out.count("reused") == 3
+    printed = capsys.readouterr().out
+    assert printed.count("reused") == 3 and "training for up to" not in printed
     assert weights == {kind: os.stat(out / kind / "model.safetensors").st_mtime_ns for kind in weights}
 
     # a half-finished stage (checkpoints, no final model) resumes instead of starting over
@@ -165,6 +173,55 @@ def test_demo_end_to_end_then_reuse_then_resume(tmp_path, capsys):
     assert demo.main(argv) == 0
     assert "resumed to step 2" in capsys.readouterr().out
     assert demo.stage_state(str(out / "gpt")) == "done"
+
+
+def test_ctrl_c_stops_the_demo_and_the_next_run_resumes_the_stage(tmp_path, capsys, monkeypatch):
+    from tokenpaint.training import common
+
+    enter = common.GracefulStop.__enter__
+
+    def signalled_at_once(self):  # Ctrl-C arriving during the first step of the (in-process) VQGAN stage
+        enter(self)
+        self._handle(signal.SIGINT, None)
+        return self
+
+    monkeypatch.setattr(common.GracefulStop, "__enter__", signalled_at_once)
+    out = tmp_path / "demo"
+    argv = ["--out", str(out), "--config-dir", tiny_configs(tmp_path / "configs"), "--num-train", "12",
+            "--num-val", "4", "--images-per-prompt", "1"]
+    assert demo.main(argv) == 130
+    err = capsys.readouterr().err
+    assert "vqgan stopped at step 1 (SIGINT)" in err and "run it again to resume" in err
+    assert demo.stage_state(str(out / "vqgan")) == "partial"  # its model is saved, but it is not finished
+    assert not (out / "mim").exists() and not (out / "gpt").exists()  # no generator trained on an unfinished VQGAN
+
+    monkeypatch.undo()
+    assert demo.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "vqgan" in printed and "resumed to step 2" in printed
+    assert all(demo.stage_state(str(out / kind)) == "done" for kind in ("vqgan", "mim", "gpt"))
+
+
+def test_a_stage_that_spent_its_budget_but_was_not_recorded_finished(tmp_path, monkeypatch):
+    from tokenpaint.training import common
+
+    def spent(self, checkpoint):
+        raise common.BudgetSpent(f"--max-minutes 6: the run in {checkpoint} has already trained 6.0 minutes")
+
+    out = tmp_path / "demo"
+    argv = ["--out", str(out), "--config-dir", tiny_configs(tmp_path / "configs"), "--num-train", "12",
+            "--num-val", "4", "--images-per-prompt", "1", "--skip-gpt"]
+    assert demo.main(argv) == 0
+    stage = {"run_dir": str(out / "mim"), "minutes": 6.0, "data": str(out / "data" / "train.tsv"),
+             "val": str(out / "data" / "val.tsv"), "config": "unused", "seed": 0}
+    monkeypatch.setattr(common.TimeBudget, "check_not_spent", spent)
+    (out / "mim" / demo.FINISHED_RECORD).unlink()  # killed after saving its model, before it was recorded
+    assert demo.stage_state(stage["run_dir"]) == "partial"
+    assert demo.run_stage("mim", **stage) == "reused" and demo.stage_state(stage["run_dir"]) == "done"
+    (out / "mim" / demo.FINISHED_RECORD).unlink()
+    (out / "mim" / "model.safetensors").unlink()  # killed after its last checkpoint, before the model was saved
+    with pytest.raises(ValueError, match=r"mim: --max-minutes 6: .* \(here: --minutes-mim\), or delete .*mim"):
+        demo.run_stage("mim", **stage)
 
 
 def test_a_failing_side_by_side_stage_is_reported_and_the_other_one_finishes(tmp_path, capsys):

@@ -413,6 +413,10 @@ class GracefulStop:
         return False
 
 
+class BudgetSpent(ValueError):
+    """A resumed run has already used its whole --max-minutes."""
+
+
 class TimeBudget:
     """--max-minutes: the training time a run may use in all, counted across resumes like --max-steps
     (`spent_seconds` comes from the checkpoint), and the share of it used so far (for the lr schedule)."""
@@ -435,7 +439,7 @@ class TimeBudget:
     def check_not_spent(self, checkpoint: str | None) -> None:
         """A resumed run whose budget is already used up would stop after one step: say so instead."""
         if self.total_seconds is not None and self.expired():
-            raise ValueError(f"--max-minutes {self.total_seconds / 60:g}: the run in {checkpoint} has already trained "
+            raise BudgetSpent(f"--max-minutes {self.total_seconds / 60:g}: the run in {checkpoint} has already trained "
                              f"{self.spent_seconds() / 60:.1f} minutes (the budget counts the whole run, like "
                              f"--max-steps); pass a larger --max-minutes to train on")
 
