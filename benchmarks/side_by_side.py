@@ -6,12 +6,14 @@ trained one after the other on all threads, then both at once, each in its own p
 In the same wall time W, one after the other gives each model W/2 at its all-threads rate; side by side gives each W
 at its half-threads rate (both running). The printed ratio, 2 x side-by-side rate / alone rate, is how many more
 steps each generator gets in the demo's minutes. Batches are random ids (the data pipeline is not measured); the
-models are the demo_gpt / demo_mim presets with the demo's shapes (8x8 image ids, 1024 codes, 16 text ids, batch 32).
+models are the demo_gpt / demo_mim presets with the demo's shapes (8x8 image ids, 1024 codes, 16 text ids) and the
+batch size of configs/demo/{mim,gpt}.yaml.
 """
 from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import time
 
 import torch
@@ -19,6 +21,13 @@ import torch
 from _common import add_common_args, make_step, print_table, setup
 
 KINDS = ("mim", "gpt")
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo")
+
+
+def demo_batch_size(kind: str) -> int:
+    from tokenpaint.utils import read_yaml
+
+    return int(read_yaml(os.path.join(CONFIGS, f"{kind}.yaml"))["train"]["batch_size"])
 
 
 def steps_per_second(kind: str, threads: int, seconds: float, seed: int) -> float:
@@ -26,7 +35,7 @@ def steps_per_second(kind: str, threads: int, seconds: float, seed: int) -> floa
 
     torch.set_num_threads(threads)
     config = preset_config(f"demo_{kind}", image_size=8, codebook_size=1024, text_vocab_size=400, text_len=16)
-    step = make_step((GPT if kind == "gpt" else MaskedTransformer)(config), 32, None, seed)
+    step = make_step((GPT if kind == "gpt" else MaskedTransformer)(config), demo_batch_size(kind), None, seed)
     for _ in range(3):
         step()
     start, steps = time.perf_counter(), 0
