@@ -9,7 +9,7 @@ stage, then draws a grid of samples for DEMO_PROMPTS (English and Chinese) from 
 the prompt under each image (Chinese prompts in their English rendering, marked "zh:", when no CJK font is found).
 
 The two generators train side by side, each in its own process with half the CPU threads: models this small do not
-keep two cores busy, so in the same minutes each gets ~1.1-1.35x the steps it would get on all cores one after the
+keep two cores busy, so in the same minutes each gets ~1.3-1.5x the steps it would get on all cores one after the
 other (benchmarks/side_by_side.py; --one-at-a-time turns this off). Their output goes to OUT/logs/{mim,gpt}.log; a
 progress line per stage is shown.
 
