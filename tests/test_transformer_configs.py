@@ -77,12 +77,17 @@ def test_demo_configs_are_small_enough_for_a_cpu_demo():
 def test_bad_yaml_is_reported_with_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  kind: gpt\n  n_layers: 3\ntrain:\n  lr: 1.0e-3\n")
-    cfg = load_transformer_yaml(bad)
-    with pytest.raises(ValueError, match=r"bad.yaml.*unknown keys \['n_layers'\]"):
-        model_config_from_yaml(cfg, codebook_size=16, image_size=4)
-    bad.write_text("model:\n  kind: gpt\ntrain:\n  learning_rate: 1.0e-3\n")
-    with pytest.raises(ValueError, match=r"bad.yaml: unknown keys \['learning_rate'\] in section 'train'"):
+    with pytest.raises(ValueError, match=r"bad.yaml, line 3: unknown key 'n_layers' in section 'model'"):
         load_transformer_yaml(bad)
+    with pytest.raises(ValueError, match=r"bad.yaml.*unknown keys \['n_layers'\]"):  # a dict built by hand
+        model_config_from_yaml({"model": {"kind": "gpt", "n_layers": 3}, "source": str(bad)}, codebook_size=16,
+                               image_size=4)
+    bad.write_text("model:\n  kind: gpt\ntrain:\n  learning_rate: 1.0e-3\n")
+    with pytest.raises(ValueError, match=r"bad.yaml, line 4: unknown key 'learning_rate' in section 'train'"):
+        load_transformer_yaml(bad)
+    bad.write_text("model:\n  kind: gpt\ntrain:\n  seed: 3\ndata:\n  shuffle: false\n")  # training-stage keys
+    cfg = load_transformer_yaml(bad)
+    assert cfg["train"]["seed"] == 3 and cfg["data"] == {"resolution": None, "shuffle": False}
     bad.write_text("model:\n  kind: vae\n")
     with pytest.raises(ValueError, match="bad.yaml: model.kind must be one of"):
         load_transformer_yaml(bad)

@@ -15,7 +15,7 @@ import shlex
 import signal
 import sys
 import time
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, NamedTuple
 
 import numpy as np
@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from ..utils import atomic_write, atomic_write_bytes, read_yaml  # noqa: F401  (re-exported)
+from ..utils import atomic_write, atomic_write_bytes, load_config, read_yaml  # noqa: F401  (re-exported)
 
 # ----------------------------------------------------------------------------- options
 
@@ -74,63 +74,6 @@ def resume_command(opts: TrainOptions, max_minutes: float | None = None) -> str:
 
 
 # ----------------------------------------------------------------------------- YAML configs
-
-
-def _key_line(path: str, section: str | None, key: str) -> int | None:
-    """1-based line of `key` (inside `section`) in a YAML file, for error messages."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            node = yaml.compose(f)
-    except Exception:
-        return None
-    if section is not None and isinstance(node, yaml.MappingNode):
-        node = next((v for k, v in node.value if k.value == section), None)
-    if isinstance(node, yaml.MappingNode):
-        for k, _ in node.value:
-            if k.value == key:
-                return k.start_mark.line + 1
-    return None
-
-
-def _allowed_keys(spec: Any) -> set[str] | None:
-    if spec is None:
-        return None  # free-form section
-    if is_dataclass(spec):
-        return {f.name for f in fields(spec)}
-    return set(spec)
-
-
-def load_config(path: str, schema: dict[str, Any]) -> dict[str, dict]:
-    """Read a YAML config of sections. `schema` maps section -> dict of defaults | dataclass type | None (free).
-
-    Dict sections are merged over their defaults. Unknown sections or keys raise ValueError naming the file, line
-    and key, so a typo never silently falls back to a default.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
-    raw = read_yaml(path) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping of sections ({', '.join(schema)}), got {type(raw).__name__}")
-    out: dict[str, dict] = {}
-    for section, body in raw.items():
-        if section not in schema:
-            line = _key_line(path, None, section)
-            raise ValueError(f"{path}{f', line {line}' if line else ''}: unknown section {section!r} "
-                             f"(expected one of {sorted(schema)})")
-        if body is None:
-            body = {}
-        if not isinstance(body, dict):
-            raise ValueError(f"{path}: section {section!r} must be a mapping, got {type(body).__name__}")
-        allowed = _allowed_keys(schema[section])
-        for key in body:
-            if allowed is not None and key not in allowed:
-                line = _key_line(path, section, key)
-                raise ValueError(f"{path}{f', line {line}' if line else ''}: unknown key {key!r} in section "
-                                 f"{section!r} (allowed: {', '.join(sorted(allowed))})")
-    for section, spec in schema.items():
-        body = dict(raw.get(section) or {})
-        out[section] = {**spec, **body} if isinstance(spec, dict) else body
-    return out
 
 
 def save_yaml(path: str, data: dict) -> None:

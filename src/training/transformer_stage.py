@@ -20,17 +20,15 @@ import contextlib
 import os
 import sys
 import time
-from dataclasses import fields
 
 import torch
 import torch.distributed as dist
 
 from ..data import TextTokenizer, build_token_cache, iter_rows
 from ..data.cache import state_dict_hash, tokenizer_hash
-from ..transformer import (GPT, SAMPLE_DEFAULTS, TRAIN_DEFAULTS, GPTConfig, MaskedTransformer, MaskedTransformerConfig,
-                           load_generator, mask_ratio, model_config_from_yaml)
+from ..transformer import GPT, MaskedTransformer, load_generator, mask_ratio, model_config_from_yaml
 from ..transformer.io import check_state_dict
-from ..transformer.presets import TOKENIZER_DEFAULTS
+from ..transformer.presets import CONFIG_SCHEMA
 from ..vqgan import VQGAN
 from .common import (CheckpointManager, GracefulStop, MetricsLogger, TimeBudget, TrainOptions, capture_rng,
                      check_finite, cleanup_distributed, cosine_lr, is_distributed, is_main, load_config, maybe_compile,
@@ -39,17 +37,12 @@ from .common import (CheckpointManager, GracefulStop, MetricsLogger, TimeBudget,
 from .transformer_data import GlobalBatches, corrupt, rank_rows, summed_cross_entropy
 from .transformer_samples import sample_grid, validation_loss
 
-MODEL_KEYS = {"kind", "preset"} | {f.name for cls in (GPTConfig, MaskedTransformerConfig) for f in fields(cls)}
-# Keys this stage adds to tokenpaint.transformer.TRAIN_DEFAULTS (None = derived).
-STAGE_TRAIN_DEFAULTS = dict(seed=0, decay_steps=None, val_batches=8, sample_images=4, cache_batch_size=64)
-SCHEMA = {"model": MODEL_KEYS, "tokenizer": dict(TOKENIZER_DEFAULTS), "train": {**TRAIN_DEFAULTS, **STAGE_TRAIN_DEFAULTS},
-          "sample": dict(SAMPLE_DEFAULTS), "data": dict(resolution=None, shuffle=True)}
 MODEL_CLASSES = {"gpt": GPT, "mim": MaskedTransformer}
 
 
 def resolve_config(opts: TrainOptions) -> dict:
     """The YAML config (unknown sections/keys name the file and line) with the command line's overrides applied."""
-    cfg = load_config(opts.config, SCHEMA)
+    cfg = load_config(opts.config, CONFIG_SCHEMA)
     train = cfg["train"]
     for key, value in (("batch_size", opts.batch_size), ("max_steps", opts.max_steps), ("seed", opts.seed)):
         if value is not None:

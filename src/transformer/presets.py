@@ -1,16 +1,17 @@
 """Size presets and the transformer YAML config (`configs/gpt_base.yaml` etc.).
 
 YAML schema: sections `model` (GPTConfig / MaskedTransformerConfig fields plus `kind: gpt|mim` and optionally
-`preset: NAME` from PRESETS), `tokenizer` (`vocab_size`), `train` and `sample` (defaults below). `codebook_size` and
+`preset: NAME` from PRESETS), `tokenizer` (`vocab_size`), `train`, `sample` and `data` (defaults below). `codebook_size` and
 `image_size` come from the VQGAN and `text_vocab_size` from the tokenizer: the training loop passes them to
 `model_config_from_yaml`.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import fields
 from typing import Any, Optional, Union
 
-from ..utils import read_yaml
+from ..utils import load_config
 from .gpt import GPTConfig
 from .masked import MaskedTransformerConfig
 
@@ -30,39 +31,26 @@ TRAIN_DEFAULTS: dict[str, Any] = dict(
     betas=[0.9, 0.95], grad_clip=1.0, bf16=False, label_smoothing=0.1, mask_schedule="cosine", log_every=10,
     val_every=500, sample_every=1000, ckpt_every=1000, keep_checkpoints=3, num_workers=0,
     decay_with_budget=True, compile=False,  # lr decay also follows --max-minutes; torch.compile the training forward
+    seed=0, decay_steps=None, val_batches=8, sample_images=4, cache_batch_size=64,  # decay_steps None: max_steps
 )
 # The last three only affect masked decoding (MaskGIT's choice temperature, mask and guidance schedules).
 SAMPLE_DEFAULTS: dict[str, Any] = dict(steps=12, guidance_scale=3.0, top_k=100, top_p=1.0, temperature=1.0,
                                        choice_temperature=4.5, schedule="cosine", guidance_schedule="constant")
 TOKENIZER_DEFAULTS: dict[str, Any] = dict(vocab_size=8000)
+DATA_DEFAULTS: dict[str, Any] = dict(resolution=None, shuffle=True)  # resolution None: the VQGAN's
+MODEL_KEYS = {"kind", "preset"} | {f.name for cls in CONFIG_CLASSES.values() for f in fields(cls)}
+# The one schema of a transformer YAML, for load_transformer_yaml and the training stage alike.
+CONFIG_SCHEMA: dict[str, Any] = {"model": MODEL_KEYS, "tokenizer": TOKENIZER_DEFAULTS, "train": TRAIN_DEFAULTS,
+                                 "sample": SAMPLE_DEFAULTS, "data": DATA_DEFAULTS}
 
 
-def load_transformer_yaml(path: Union[str, os.PathLike]) -> dict[str, dict[str, Any]]:
-    """Read a transformer YAML: {"model", "tokenizer", "train", "sample"} with defaults filled in.
+def load_transformer_yaml(path: Union[str, os.PathLike]) -> dict[str, Any]:
+    """Read a transformer YAML (CONFIG_SCHEMA): its sections with defaults filled in, plus "source" (the path).
 
-    Unknown sections or keys (except under `model`, checked by `model_config_from_yaml`) -> ValueError naming
-    the file.
+    Unknown sections or keys -> ValueError naming the file and line.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no transformer config at {path}")
-    raw = read_yaml(path) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping with sections model/tokenizer/train/sample")
-    sections = {"model": {}, "tokenizer": TOKENIZER_DEFAULTS, "train": TRAIN_DEFAULTS, "sample": SAMPLE_DEFAULTS}
-    unknown = sorted(set(raw) - set(sections))
-    if unknown:
-        raise ValueError(f"{path}: unknown sections {unknown}; expected {sorted(sections)}")
-    out = {}
-    for name, defaults in sections.items():
-        given = raw.get(name) or {}
-        if not isinstance(given, dict):
-            raise ValueError(f"{path}: section {name!r} must be a mapping, got {type(given).__name__}")
-        if name != "model":
-            bad = sorted(set(given) - set(defaults))
-            if bad:
-                raise ValueError(f"{path}: unknown keys {bad} in section {name!r}; known: {sorted(defaults)}")
-        out[name] = {**defaults, **given}
+    out: dict[str, Any] = load_config(path, CONFIG_SCHEMA)
     # kind defaults to the preset's, then to "gpt" (see model_config_from_yaml)
     if "kind" in out["model"] and out["model"]["kind"] not in CONFIG_CLASSES:
         raise ValueError(f"{path}: model.kind must be one of {sorted(CONFIG_CLASSES)}, got {out['model']['kind']!r}")
@@ -105,6 +93,6 @@ def preset_config(name: str, **overrides) -> Union[GPTConfig, MaskedTransformerC
     """GPTConfig / MaskedTransformerConfig for a PRESETS entry, with field overrides."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
-    fields = {**PRESETS[name], **overrides}
-    kind = fields.pop("kind")
-    return CONFIG_CLASSES[kind].from_dict(fields)
+    values = {**PRESETS[name], **overrides}
+    kind = values.pop("kind")
+    return CONFIG_CLASSES[kind].from_dict(values)
