@@ -25,9 +25,9 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def demo_batch_size(kind: str) -> int:
-    from tokenpaint.utils import read_yaml
+    from tokenpaint.transformer import load_transformer_yaml
 
-    return int(read_yaml(os.path.join(CONFIGS, f"{kind}.yaml"))["train"]["batch_size"])
+    return load_transformer_yaml(os.path.join(CONFIGS, f"{kind}.yaml"))["train"]["batch_size"]
 
 
 def steps_per_second(kind: str, threads: int, seconds: float, seed: int) -> float:

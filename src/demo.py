@@ -134,7 +134,7 @@ def prepare_tokenizer(train_tsv: str, path: str) -> str:
 def run_stage(name: str, run_dir: str, minutes: float, *, data: str, val: str, config: str, seed: int,
               vqgan_dir: Optional[str] = None, tokenizer: Optional[str] = None) -> str:
     """Train one stage in-process unless its run directory already holds a finished model. Returns what it did."""
-    from .training.common import BudgetSpent, TrainOptions
+    from .training.common import COMPLETE_STOPS, BudgetSpent, TrainOptions
 
     state = stage_state(run_dir)
     if state == "done":
@@ -162,7 +162,7 @@ def run_stage(name: str, run_dir: str, minutes: float, *, data: str, val: str, c
             raise ValueError(f"{name}: {e} (here: --minutes-{name}), or delete {run_dir} to train it again") from e
         _record_finished(run_dir, {"stopped": "time budget"})
         return "reused"
-    if summary["stopped"] not in ("max_steps", "time budget"):
+    if summary["stopped"] not in COMPLETE_STOPS:
         raise StageStopped(f"{name} stopped at step {summary['step']} ({summary['stopped']}); its checkpoint is in "
                            f"{os.path.join(run_dir, 'checkpoints')}")
     _record_finished(run_dir, {"step": summary["step"], "stopped": summary["stopped"]})

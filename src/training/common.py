@@ -169,6 +169,10 @@ def start_or_resume(opts: TrainOptions, ckpts: CheckpointManager, resolve) -> tu
     return resolve(), None
 
 
+# A run's stop reason: one of these when it trained to its end, else the name of the signal that stopped it early.
+COMPLETE_STOPS = ("max_steps", "time budget")
+
+
 def report_finish(opts: TrainOptions, step: int, max_steps: int, stop_reason: str, checkpoint: str | None,
                   bad_rows: int) -> None:
     """The closing lines of a run (rank 0): where it was saved, how to resume an early stop, skipped bad rows."""
@@ -179,7 +183,7 @@ def report_finish(opts: TrainOptions, step: int, max_steps: int, stop_reason: st
         print(f"stopped at step {step}/{max_steps} (time budget of {opts.max_minutes:g} minutes spent); "
               f"checkpoint: {checkpoint}\ntrain longer with: {resume_command(opts, 2 * opts.max_minutes)}",
               file=sys.stderr, flush=True)
-    elif stop_reason != "max_steps":
+    elif stop_reason not in COMPLETE_STOPS:
         print(f"stopped at step {step}/{max_steps} ({stop_reason}); checkpoint: {checkpoint}\n"
               f"resume with: {resume_command(opts)}", file=sys.stderr, flush=True)
     if opts.bad_rows == "skip":

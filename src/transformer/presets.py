@@ -1,9 +1,9 @@
 """Size presets and the transformer YAML config (`configs/gpt_base.yaml` etc.).
 
-YAML schema: sections `model` (GPTConfig / MaskedTransformerConfig fields plus `kind: gpt|mim` and optionally
-`preset: NAME` from PRESETS), `tokenizer` (`vocab_size`), `train`, `sample` and `data` (defaults below). `codebook_size` and
-`image_size` come from the VQGAN and `text_vocab_size` from the tokenizer: the training loop passes them to
-`model_config_from_yaml`.
+YAML schema (CONFIG_SCHEMA): sections `model` (GPTConfig / MaskedTransformerConfig fields plus `kind: gpt|mim` and
+optionally `preset: NAME` from PRESETS), `tokenizer` (`vocab_size`), `train`, `sample` and `data` (defaults below).
+`codebook_size` and `image_size` come from the VQGAN and `text_vocab_size` from the tokenizer: the training loop
+passes them to `model_config_from_yaml`.
 """
 from __future__ import annotations
 
