@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: test test-all demo clean-demo venv
+.PHONY: test test-all check-install demo clean-demo venv
 
 venv: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ test: venv
 # Everything, the full-size parity checks included.
 test-all: venv
 	$(TEST_ENV) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# A plain `pip install .` (not editable) into a fresh venv: the demo and the shipped configs work from it.
+check-install: venv
+	bash scripts/check_install.sh $(BIN)/python
 
 demo: venv
 	$(BIN)/python -m tokenpaint.demo --out demo

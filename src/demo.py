@@ -37,9 +37,10 @@ from PIL import Image, ImageDraw, ImageFont
 from .data import (DEMO_PROMPTS, DEMO_VOCAB_SIZE, TextTokenizer, describe_scene, iter_rows, make_demo_dataset,
                    measure_scene, parse_caption)
 from .data.demo import COLOR_ZH, SHAPE_ZH, SIZE_ZH
+from .resources import configs_dir
 from .utils import atomic_write_bytes
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "demo"  # the repo's configs/ (editable install)
+CONFIG_DIR = configs_dir() / "demo"  # shipped with the package (configs/demo/ in the repository)
 # Below ~1000 steps the VQGAN's reconstructions lose the object colour (measured with benchmarks/demo_quality.py
 # --recon), which caps both generators. The generators train side by side, so the wall time is vqgan + max(mim, gpt)
 # + data, caches, sampling (~1 min) + venv: < 15 min.
@@ -386,7 +387,7 @@ def check_args(args) -> None:
         path = os.path.join(args.config_dir, f"{name}.yaml")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--config-dir {args.config_dir}: no {name}.yaml there (the demo configs ship in "
-                                    f"the repository's configs/demo/)")
+                                    f"{CONFIG_DIR})")
 
 
 def run_demo(args) -> dict:
