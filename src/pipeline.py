@@ -120,7 +120,7 @@ class Pipeline:
 
     def __init__(self, model, tokenizer, vqgan, defaults: Optional[dict] = None):
         self.model, self.tokenizer, self.vqgan = model, tokenizer, vqgan
-        self.kind = "mim" if hasattr(model, "mask_token_id") else "gpt"
+        self.kind = model.config.kind
         self.defaults = dict(BUILTIN_DEFAULTS if defaults is None else defaults)
         self.device = next(model.parameters()).device
         self.tokens_per_side = int(model.config.image_size)

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from tokenpaint.sampling import continue_image, sample_autoregressive
-from tokenpaint.sampling.filters import apply_guidance
+from tokenpaint.sampling.guidance import apply_guidance
 
 
 class StandInGPT(nn.Module):
@@ -19,7 +19,7 @@ class StandInGPT(nn.Module):
     def __init__(self, side=3, vocab=6, text_len=4, seed=0):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.config = SimpleNamespace(image_size=side, codebook_size=vocab, text_len=text_len)
+        self.config = SimpleNamespace(kind="gpt", image_size=side, codebook_size=vocab, text_len=text_len)
         self.text_table = torch.randn(7, vocab, generator=g) * 2
         self.prev_table = torch.randn(vocab + 1, vocab, generator=g)  # row `vocab` = "no previous token"
         self.pos_table = torch.randn(side * side, vocab, generator=g)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tokenpaint.sampling import apply_guidance, filter_logits, gumbel_noise, mask_by_random_topk
-from tokenpaint.sampling.filters import multinomial_last_dim, prepare_text_pair, sample_from_logits
+from tokenpaint.sampling.filters import multinomial_last_dim, sample_from_logits
+from tokenpaint.sampling.guidance import prepare_text_pair
 
 
 def kept(logits):

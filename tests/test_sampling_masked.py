@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from tokenpaint.sampling import sample_masked
-from tokenpaint.sampling.filters import apply_guidance
+from tokenpaint.sampling.guidance import apply_guidance
 
 
 def cosine(r):
@@ -21,7 +21,7 @@ class StandInMIM(nn.Module):
     def __init__(self, side=4, vocab=8, seed=0):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.config = SimpleNamespace(image_size=side, codebook_size=vocab)
+        self.config = SimpleNamespace(kind="mim", image_size=side, codebook_size=vocab)
         self.mask_token_id = vocab
         self.text_table = torch.randn(7, vocab, generator=g) * 2
         self.pos_table = torch.randn(side * side, vocab, generator=g)
@@ -119,7 +119,7 @@ def test_guidance_combines_cond_and_uncond_logits():
 
 
 def test_linear_guidance_schedule_rises_to_the_scale():
-    from tokenpaint.sampling.masked import guidance_at
+    from tokenpaint.sampling.guidance import guidance_at
 
     assert [guidance_at(t, 4, 3.0, "linear") for t in range(4)] == [1.5, 2.0, 2.5, 3.0]
     assert guidance_at(0, 4, 3.0, "constant") == 3.0

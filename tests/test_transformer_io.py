@@ -89,9 +89,16 @@ def test_optimizer_decays_only_linear_weights():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
-def test_num_params_counts_every_parameter():
-    model = build("mim")
+@pytest.mark.parametrize("kind,bias", [("gpt", True), ("gpt", False), ("mim", True)])
+def test_num_params_matches_the_architecture(kind, bias):
+    """Counted from the layer shapes: per block two LayerNorms, qkv + output projections and a 4x MLP."""
+    model = build(kind, bias=bias)
     c = model.config
-    embeddings = (c.text_vocab_size + c.text_len + c.codebook_size + 1 + 2 * c.image_size) * c.n_embd
-    assert model.num_params() == sum(p.numel() for p in model.parameters())
-    assert model.num_params() - model.num_params(exclude_embeddings=True) == embeddings
+    C, ln = c.n_embd, (2 if bias else 1) * c.n_embd  # a LayerNorm: weight (+ bias)
+    linear = lambda n_in, n_out: n_in * n_out + (n_out if bias else 0)  # noqa: E731
+    block = 2 * ln + linear(C, 3 * C) + linear(C, C) + linear(C, 4 * C) + linear(4 * C, C)
+    image_vocab = c.codebook_size + (1 if kind == "mim" else 0)  # the masked model embeds [MASK] too
+    embeddings = (c.text_vocab_size + c.text_len + image_vocab + 2 * c.image_size) * C  # tokens, positions, row/col
+    head = C * c.codebook_size  # no bias
+    assert model.num_params() == c.n_layer * block + ln + head + embeddings
+    assert model.num_params(exclude_embeddings=True) == c.n_layer * block + ln + head

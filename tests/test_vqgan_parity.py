@@ -95,6 +95,7 @@ def test_training_gradients_match_taming():
         torch.testing.assert_close(p.grad, theirs[name], atol=1e-5, rtol=1e-3, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.slow  # 76M parameters built twice at 256x256
 def test_full_f16_16384_config_at_256_matches_taming():
     cfg = VQGANConfig()  # taming's ImageNet f16/16384
     taming, sd = build_taming_vqmodel(cfg, codebook_std=0.2)

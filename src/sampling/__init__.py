@@ -6,7 +6,8 @@ the caller passes, so results are reproducible.
 
 from .autoregressive import num_image_tokens, sample_autoregressive
 from .editing import continue_image, img2img, inpaint, outpaint, pixel_mask_to_token_mask, random_token_mask
-from .filters import apply_guidance, filter_logits, gumbel_noise, mask_by_random_topk, sample_from_logits
+from .filters import filter_logits, gumbel_noise, mask_by_random_topk, sample_from_logits
+from .guidance import apply_guidance, guidance_at
 from .masked import sample_masked
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "sample_masked",
     "filter_logits",
     "apply_guidance",
+    "guidance_at",
     "gumbel_noise",
     "mask_by_random_topk",
     "sample_from_logits",

@@ -12,19 +12,13 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from .filters import Generators, check_generators, guidance_enabled, prepare_text_pair, sample_from_logits, split_guidance
+from .filters import Generators, check_generators, sample_from_logits
+from .guidance import double_for_guidance, guidance_enabled, prepare_text_pair, split_guidance
 
 
 def num_image_tokens(model) -> int:
     """Tokens per image (image_size tokens per side, row-major)."""
     return int(model.config.image_size) ** 2
-
-
-def _double(x: Optional[torch.Tensor], use_guidance: bool) -> Optional[torch.Tensor]:
-    """Repeat image ids for the [cond ; uncond] halves: both branches see the same image tokens."""
-    if x is None or not use_guidance:
-        return x
-    return torch.cat([x, x], dim=0)
 
 
 @torch.inference_mode()
@@ -78,13 +72,13 @@ def sample_autoregressive(
 
     cache = None
     if use_kv_cache:
-        image_prefix = _double(prefix_ids, use_guidance) if start > 0 else None
+        image_prefix = double_for_guidance(prefix_ids, use_guidance) if start > 0 else None
         logits, cache = model.prefill(text_in, image_prefix=image_prefix)
     for pos in steps:
         if not use_kv_cache:
             # position pos of the output predicts token pos from tokens < pos; the appended 0 is never attended to
             placeholder = torch.zeros(ids.shape[0], 1, dtype=torch.long, device=device)
-            full_logits, _ = model(text_in, _double(torch.cat([ids, placeholder], dim=1), use_guidance))
+            full_logits, _ = model(text_in, double_for_guidance(torch.cat([ids, placeholder], dim=1), use_guidance))
             logits = full_logits[:, pos]
         guided = split_guidance(logits, guidance_scale, use_guidance)  # [B, V]
         token, _ = sample_from_logits(guided, generator, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -92,7 +86,7 @@ def sample_autoregressive(
             token = torch.where(known[:, pos], forced[:, pos], token)
         ids = torch.cat([ids, token.unsqueeze(1)], dim=1)  # [B, pos+1]
         if use_kv_cache and pos + 1 < n_tokens:
-            logits, cache = model.decode_step(_double(token, use_guidance), pos, cache)
+            logits, cache = model.decode_step(double_for_guidance(token, use_guidance), pos, cache)
     return ids
 
 

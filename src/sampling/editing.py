@@ -59,7 +59,7 @@ def _flat(ids: torch.Tensor) -> torch.Tensor:
 
 
 def _is_masked_model(model) -> bool:
-    return hasattr(model, "mask_token_id")
+    return model.config.kind == "mim"
 
 
 def inpaint(model, text_ids, init_ids, token_mask, *, generator: Generators = None, **sampler_kwargs) -> torch.Tensor:

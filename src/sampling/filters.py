@@ -1,4 +1,4 @@
-"""Small pure helpers shared by the samplers: logit filtering, guidance, seeded noise and draws.
+"""Small pure helpers shared by the samplers: logit filtering, seeded noise and draws (guidance: guidance.py).
 
 Every random helper takes either one `torch.Generator` (or None) for the whole batch, or a list with one generator
 per batch row. Per-row generators make image i of a request depend only on its own seed, not on which other images
@@ -44,18 +44,6 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Opti
         remove = torch.zeros_like(remove_sorted).scatter_(-1, sorted_idx, remove_sorted)
         logits = logits.masked_fill(remove, float("-inf"))
     return logits
-
-
-def apply_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance: uncond + scale * (cond - uncond). scale 1 returns cond."""
-    return uncond + scale * (cond - uncond)
-
-
-def guidance_enabled(scale: float) -> bool:
-    """Scales 1 (the plain conditional model) and 0 (guidance off) need no unconditional branch."""
-    if scale < 0:
-        raise ValueError(f"guidance_scale must be >= 0, got {scale}")
-    return scale not in (0.0, 1.0)
 
 
 def uniform_noise(shape: Sequence[int], generator: Generators, device=None) -> torch.Tensor:
@@ -125,46 +113,12 @@ def mask_by_random_topk(
     return rank < mask_len.unsqueeze(-1)
 
 
-def prepare_text_pair(
-    text_ids: torch.Tensor, negative_text_ids: Optional[torch.Tensor], use_guidance: bool
-) -> torch.Tensor:
-    """The text batch the model sees: [cond ; uncond] when guiding (uncond = negative prompt or all zeros), else cond."""
-    if text_ids.dim() != 2:
-        raise ValueError(f"text_ids must be long [B, text_len], got shape {tuple(text_ids.shape)}")
-    if negative_text_ids is not None:
-        if negative_text_ids.dim() == 1:
-            negative_text_ids = negative_text_ids.unsqueeze(0)
-        if negative_text_ids.shape[0] == 1 and text_ids.shape[0] > 1:
-            negative_text_ids = negative_text_ids.expand(text_ids.shape[0], -1)
-        if negative_text_ids.shape != text_ids.shape:
-            raise ValueError(
-                f"negative_text_ids shape {tuple(negative_text_ids.shape)} does not match text_ids "
-                f"shape {tuple(text_ids.shape)}"
-            )
-    if not use_guidance:
-        return text_ids
-    uncond = negative_text_ids if negative_text_ids is not None else torch.zeros_like(text_ids)
-    return torch.cat([text_ids, uncond.to(text_ids)], dim=0)  # [2B, T]
-
-
-def split_guidance(logits: torch.Tensor, scale: float, use_guidance: bool) -> torch.Tensor:
-    """Combine the [cond ; uncond] halves of a doubled batch of logits; a single batch is returned as is."""
-    if not use_guidance:
-        return logits
-    cond, uncond = logits.float().chunk(2, dim=0)
-    return apply_guidance(cond, uncond, scale)
-
-
 __all__ = [
     "filter_logits",
-    "apply_guidance",
-    "guidance_enabled",
     "gumbel_noise",
     "uniform_noise",
     "multinomial_last_dim",
     "sample_from_logits",
     "mask_by_random_topk",
-    "prepare_text_pair",
-    "split_guidance",
     "check_generators",
 ]

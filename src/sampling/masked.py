@@ -14,16 +14,10 @@ from typing import Callable, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
-from .autoregressive import _double, num_image_tokens
-from .filters import (
-    Generators,
-    check_generators,
-    guidance_enabled,
-    mask_by_random_topk,
-    prepare_text_pair,
-    sample_from_logits,
-    split_guidance,
-)
+from .autoregressive import num_image_tokens
+from .filters import Generators, check_generators, mask_by_random_topk, sample_from_logits
+from .guidance import check_guidance_schedule, double_for_guidance, guidance_at, guidance_enabled, prepare_text_pair
+from .guidance import split_guidance
 
 Schedule = Union[str, Callable[[float], float]]
 
@@ -32,19 +26,10 @@ def schedule_fn(schedule: Schedule) -> Callable[[float], float]:
     """The mask-ratio schedule gamma(r): a name from tokenpaint.transformer.schedule, or a callable r -> ratio."""
     if callable(schedule):
         return schedule
-    from tokenpaint.transformer.schedule import mask_ratio  # one shared schedule for training and sampling
+    from tokenpaint.transformer.schedule import check_mask_schedule, mask_ratio  # one schedule for training and sampling
 
-    mask_ratio(0.5, schedule)  # an unknown name fails here, before any model call
+    check_mask_schedule(schedule)
     return lambda r: float(mask_ratio(r, schedule))
-
-
-def guidance_at(step: int, steps: int, scale: float, guidance_schedule: str) -> float:
-    """Guidance scale of step `step`: constant, or "linear" = rising from ~1 to `scale` at the last step."""
-    if guidance_schedule == "constant":
-        return scale
-    if guidance_schedule == "linear":
-        return 1.0 + (scale - 1.0) * (step + 1) / steps
-    raise ValueError(f"guidance_schedule must be 'constant' or 'linear', got {guidance_schedule!r}")
 
 
 def keep_masked_count(step: int, steps: int, n_unknown_start: torch.Tensor, n_masked_now: torch.Tensor, gamma) -> torch.Tensor:
@@ -89,7 +74,7 @@ def sample_masked(
     n_tokens = num_image_tokens(model)
     mask_id = int(model.mask_token_id)
     check_generators(generator, batch)
-    guidance_at(0, steps, guidance_scale, guidance_schedule)  # validates the schedule name up front
+    check_guidance_schedule(guidance_schedule)
     gamma = schedule_fn(schedule)
     use_guidance = guidance_enabled(guidance_scale)
     text_in = prepare_text_pair(text_ids, negative_text_ids, use_guidance)
@@ -101,7 +86,7 @@ def sample_masked(
         masked = ids == mask_id  # [B, N]
         if not masked.any():
             break
-        logits, _ = model(text_in, _double(ids, use_guidance))  # [B or 2B, N, V]
+        logits, _ = model(text_in, double_for_guidance(ids, use_guidance))  # [B or 2B, N, V]
         scale = guidance_at(step, steps, guidance_scale, guidance_schedule)
         guided = split_guidance(logits, scale, use_guidance)  # [B, N, V]
         sampled, probs = sample_from_logits(guided, generator, temperature=temperature, top_k=top_k)
@@ -139,4 +124,4 @@ def initial_ids(init_ids, known_mask, batch: int, n_tokens: int, mask_id: int, d
     return torch.where(known_mask, init_ids, torch.full_like(init_ids, mask_id))
 
 
-__all__ = ["sample_masked", "schedule_fn", "guidance_at", "keep_masked_count", "initial_ids"]
+__all__ = ["sample_masked", "schedule_fn", "keep_masked_count", "initial_ids"]

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from ..data import TextTokenizer, build_token_cache, iter_rows
 from ..data.cache import state_dict_hash, tokenizer_hash
-from ..transformer import GPT, MaskedTransformer, load_generator, mask_ratio, model_config_from_yaml
+from ..transformer import check_mask_schedule, generator_class, load_generator, model_config_from_yaml
 from ..transformer.io import check_state_dict
 from ..transformer.presets import CONFIG_SCHEMA
 from ..vqgan import VQGAN
@@ -36,8 +36,6 @@ from .common import (CheckpointManager, GracefulStop, MetricsLogger, TimeBudget,
                      start_or_resume, sync_progress)
 from .transformer_data import GlobalBatches, corrupt, rank_rows, summed_cross_entropy
 from .transformer_samples import sample_grid, validation_loss
-
-MODEL_CLASSES = {"gpt": GPT, "mim": MaskedTransformer}
 
 
 def resolve_config(opts: TrainOptions) -> dict:
@@ -54,7 +52,7 @@ def resolve_config(opts: TrainOptions) -> dict:
     if train["bf16"] not in (True, False, "auto"):
         raise ValueError(f"{opts.config}: train.bf16 must be true, false or 'auto', got {train['bf16']!r}")
     try:
-        mask_ratio(0.5, train["mask_schedule"])
+        check_mask_schedule(train["mask_schedule"])
     except ValueError as e:
         raise ValueError(f"{opts.config}: train.mask_schedule: {e}") from None
     return cfg
@@ -164,7 +162,7 @@ def _train(opts: TrainOptions, info) -> dict:
         latest = ckpts.latest()
         vqgan = VQGAN.from_pretrained(os.path.join(opts.out, "vqgan"))
         tokenizer = TextTokenizer(os.path.join(opts.out, "tokenizer.model"))
-        model_config = MODEL_CLASSES[cfg["model"]["kind"]].config_class.from_dict(cfg["model"], source=latest)
+        model_config = generator_class(cfg["model"]["kind"], latest).config_class.from_dict(cfg["model"], source=latest)
     else:
         os.makedirs(opts.out, exist_ok=True)
         vqgan, tokenizer = _load_vqgan_and_tokenizer(opts, cfg)
@@ -192,7 +190,7 @@ def _train(opts: TrainOptions, info) -> dict:
     batches = GlobalBatches(caches["train"], global_batch, seed, cfg["data"]["shuffle"], name=opts.data)
 
     set_seed(seed)
-    model = MODEL_CLASSES[kind](model_config).to(device)
+    model = generator_class(kind)(model_config).to(device)
     if opts.init_from is not None and resume_state is None:
         _init_weights_from(model, opts.init_from)
     optimizer = model.configure_optimizers(tcfg["weight_decay"], tcfg["lr"], tuple(tcfg["betas"]), device.type)

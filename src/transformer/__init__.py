@@ -1,7 +1,7 @@
 """Generators over [text ids ; image ids]: a causal GPT (with a KV cache) and a bidirectional masked transformer."""
 from .config import GeneratorConfig
 from .gpt import GPT, GPTConfig, KVCache
-from .io import load_generator
+from .kinds import CONFIG_CLASSES, GENERATORS, generator_class, load_generator
 from .masked import MaskedTransformer, MaskedTransformerConfig
 from .presets import (
     PRESETS,
@@ -11,7 +11,8 @@ from .presets import (
     model_config_from_yaml,
     preset_config,
 )
-from .schedule import MASK_SCHEDULES, NULL_TEXT_ID, drop_condition, mask_ratio, masked_training_batch, sample_mask
+from .schedule import (MASK_SCHEDULES, NULL_TEXT_ID, check_mask_schedule, drop_condition, mask_ratio,
+                       masked_training_batch, sample_mask)
 
 __all__ = [
     "GeneratorConfig",
@@ -21,6 +22,9 @@ __all__ = [
     "MaskedTransformer",
     "MaskedTransformerConfig",
     "load_generator",
+    "GENERATORS",
+    "CONFIG_CLASSES",
+    "generator_class",
     "PRESETS",
     "SAMPLE_DEFAULTS",
     "TRAIN_DEFAULTS",
@@ -28,6 +32,7 @@ __all__ = [
     "model_config_from_yaml",
     "preset_config",
     "MASK_SCHEDULES",
+    "check_mask_schedule",
     "NULL_TEXT_ID",
     "drop_condition",
     "mask_ratio",

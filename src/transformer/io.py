@@ -1,4 +1,7 @@
-"""Saving and loading generators: `config.json` (with "kind") + `model.safetensors`, strict, no pickles."""
+"""Saving and loading generators: `config.json` (with "kind") + `model.safetensors`, strict, no pickles.
+
+`load_generator`, which picks the class by kind, lives beside the registry of kinds (kinds.py).
+"""
 from __future__ import annotations
 
 import json
@@ -14,7 +17,6 @@ from ..utils import atomic_write, state_dict_mismatch
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 PathLike = Union[str, os.PathLike]
-
 
 
 def save_generator(model, directory: PathLike) -> Path:
@@ -64,18 +66,3 @@ def check_state_dict(model: torch.nn.Module, state: dict, source: str) -> None:
     problems = state_dict_mismatch(model.state_dict(), state)
     if problems:
         raise ValueError(f"{source} does not match {type(model).__name__}: {problems}")
-
-
-def load_generator(directory: PathLike, map_location: Union[str, torch.device] = "cpu"):
-    """Load a GPT or a MaskedTransformer from a `save_pretrained` directory, choosing by `config.json["kind"]`."""
-    from .gpt import GPT
-    from .masked import MaskedTransformer
-
-    classes = {GPT.config_class.kind: GPT, MaskedTransformer.config_class.kind: MaskedTransformer}
-    config = read_generator_config(directory)
-    kind = config.get("kind")
-    if kind not in classes:
-        raise ValueError(
-            f"{Path(directory) / CONFIG_NAME}: unknown generator kind {kind!r}; expected one of {sorted(classes)}"
-        )
-    return classes[kind].from_pretrained(directory, map_location=map_location)

@@ -12,8 +12,8 @@ from dataclasses import fields
 from typing import Any, Optional, Union
 
 from ..utils import load_config
-from .gpt import GPTConfig
-from .masked import MaskedTransformerConfig
+from .config import GeneratorConfig
+from .kinds import CONFIG_CLASSES
 
 # ONE table of sizes; argparse can use `choices=sorted(PRESETS)`.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -23,8 +23,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "demo_gpt": dict(kind="gpt", n_layer=4, n_head=4, n_embd=96),  # 8x8 tokens, CPU demo
     "demo_mim": dict(kind="mim", n_layer=4, n_head=4, n_embd=96),
 }
-
-CONFIG_CLASSES = {"gpt": GPTConfig, "mim": MaskedTransformerConfig}
 
 TRAIN_DEFAULTS: dict[str, Any] = dict(
     batch_size=32, grad_accum=1, lr=3.0e-4, min_lr=3.0e-5, warmup_steps=500, max_steps=100000, weight_decay=0.05,
@@ -64,7 +62,7 @@ def model_config_from_yaml(
     text_vocab_size: Optional[int] = None,
     codebook_size: Optional[int] = None,
     image_size: Optional[int] = None,
-) -> Union[GPTConfig, MaskedTransformerConfig]:
+) -> GeneratorConfig:
     """Model config from a `load_transformer_yaml` result; keyword arguments (from the tokenizer / VQGAN) win.
 
     For kind "mim", `label_smoothing` comes from `model` if given there, else from `train`.
@@ -89,7 +87,7 @@ def model_config_from_yaml(
     return CONFIG_CLASSES[kind].from_dict(model, source=f"{source} (section model)" if source else None)
 
 
-def preset_config(name: str, **overrides) -> Union[GPTConfig, MaskedTransformerConfig]:
+def preset_config(name: str, **overrides) -> GeneratorConfig:
     """GPTConfig / MaskedTransformerConfig for a PRESETS entry, with field overrides."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")

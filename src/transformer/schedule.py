@@ -15,6 +15,12 @@ NULL_TEXT_ID = 0  # = tokenpaint.data.NULL_TEXT_ID: the empty prompt encodes to 
 MASK_SCHEDULES = ("cosine", "linear", "square", "sqrt")
 
 
+def check_mask_schedule(name: str) -> None:
+    """An unknown schedule name -> ValueError listing MASK_SCHEDULES (before any work starts)."""
+    if name not in MASK_SCHEDULES:
+        raise ValueError(f"unknown mask schedule {name!r}; expected one of {list(MASK_SCHEDULES)}")
+
+
 def mask_ratio(r: Union[float, torch.Tensor], kind: str = "cosine") -> Union[float, torch.Tensor]:
     """gamma(r): the fraction of tokens still masked at progress r in [0, 1]; gamma(0) = 1, gamma(1) = 0.
 
@@ -30,7 +36,8 @@ def mask_ratio(r: Union[float, torch.Tensor], kind: str = "cosine") -> Union[flo
         return 1 - r * r
     if kind == "sqrt":
         return 1 - (torch.sqrt(r) if is_tensor else math.sqrt(r))
-    raise ValueError(f"unknown mask schedule {kind!r}; expected one of {list(MASK_SCHEDULES)}")
+    check_mask_schedule(kind)
+    raise AssertionError(f"mask schedule {kind!r} is listed in MASK_SCHEDULES but has no formula")
 
 
 def _uniform(shape, generator: Optional[torch.Generator], device) -> torch.Tensor:
@@ -47,7 +54,7 @@ def sample_mask(
     device: Union[str, torch.device] = "cpu",
 ) -> torch.Tensor:
     """bool [batch, n], True = masked. Per row: r ~ U(0,1), round(n * gamma(r)) positions (at least 1) at random."""
-    mask_ratio(0.5, schedule)  # validates the name before drawing
+    check_mask_schedule(schedule)
     r = _uniform((batch,), generator, device)
     num_masked = (mask_ratio(r, schedule) * n).round().clamp(1, n).long()  # [B]
     # A random permutation per row: rank of each position in sorted uniform noise
