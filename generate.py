@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (1 = off)")
     p.add_argument("--negative-prompt", metavar="TEXT", help="replaces the empty prompt of guidance")
     p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float, help="nucleus sampling (gpt)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling in [0, 1] (gpt; 0 = only the most likely id)")
     p.add_argument("--temperature", type=float)
     p.add_argument("--no-kv-cache", action="store_true", help="re-run the whole sequence each step (gpt)")
     p.add_argument("--init-image", metavar="PATH", help="edit this image instead of generating from scratch")

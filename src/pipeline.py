@@ -43,7 +43,7 @@ def validate_options(*, num_images=1, batch_size=1, steps=None, guidance_scale=N
         ("steps", steps, lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
         ("guidance_scale", guidance_scale, lambda v: v >= 0, ">= 0 (1 = no guidance)"),
         ("top_k", top_k, lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-        ("top_p", top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
+        ("top_p", top_p, lambda v: 0 <= v <= 1, "in [0, 1] (0 = only the most likely id)"),
         ("temperature", temperature, lambda v: v > 0, "> 0"),
         ("strength", strength, lambda v: 0 < v <= 1, "in (0, 1]"),
         ("mode", mode, lambda v: v in EDIT_MODES, f"one of {list(EDIT_MODES)}"),

@@ -136,9 +136,27 @@ def test_cache_loads_memory_mapped_in_dataloader_workers(setup):
 
 def test_ids_that_do_not_fit_uint16_are_rejected(setup):
     train, vq, tokenizer, cache_dir = setup
-    vq.id_offset.fill_(65500)
+    vq.id_offset.fill_(65500)  # no codebook_size: the cache cannot know it needs wider ids
     with pytest.raises(ValueError, match="outside \\[0, 65535\\]"):
         build(setup)
+
+
+def test_a_codebook_of_more_than_65536_codes_is_stored_as_uint32(setup):
+    train, vq, tokenizer, cache_dir = setup
+    vq.codebook_size = 2**18
+    vq.id_offset.fill_(2**18 - 300)  # ids up to 262143: uint16 would wrap them
+    cache = build(setup)
+    assert cache.meta["image_ids_dtype"] == "uint32" and cache.image_ids.dtype == "uint32"
+    assert sorted(os.listdir(cache_dir)) == ["captions.jsonl", "image_ids.u32", "meta.json", "text_ids.i32"]
+    rows = list(TSVImageText(train, resolution=16))
+    expected = vq.encode(torch.stack([r["image"] for r in rows])).flatten(1)
+    assert int(expected.max()) > 2**17
+    assert torch.equal(torch.stack([cache[i][1] for i in range(len(cache))]), expected)
+    assert build(setup).reused  # and it reopens as uint32
+    vq.codebook_size = 65536  # the boundary: 65536 codes (ids <= 65535) still fit uint16
+    vq.id_offset.fill_(65000)
+    assert build(setup).image_ids.dtype == "uint16"
+    assert "image_ids.u32" not in os.listdir(cache_dir)  # the wider ids of the previous build are gone
 
 
 def test_skipped_bad_rows_are_recorded(setup):

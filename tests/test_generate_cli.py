@@ -83,7 +83,7 @@ def test_inpaint_from_the_command_line(run_dir, tmp_path):
     "extra, message",
     [
         (["--prompt", "x", "--top-p", "1.5"], "--top-p"),
-        (["--prompt", "x", "--top-p", "0"], "--top-p"),
+        (["--prompt", "x", "--top-p", "-0.1"], "--top-p"),
         (["--prompt", "x", "--steps", "0"], "--steps"),
         (["--prompt", "x", "--top-k", "0"], "--top-k"),
         (["--prompt", "x", "--temperature", "0"], "--temperature"),

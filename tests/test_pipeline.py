@@ -150,7 +150,7 @@ def test_negative_prompt_and_guidance_change_the_result(pipe):
     [
         (dict(steps=0), "steps"),
         (dict(guidance_scale=-1.0), "guidance_scale"),
-        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=-0.1), "top_p"),
         (dict(top_p=1.5), "top_p"),
         (dict(top_k=0), "top_k"),
         (dict(temperature=0.0), "temperature"),

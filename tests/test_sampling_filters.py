@@ -19,14 +19,15 @@ PROBS = torch.tensor([0.15, 0.5, 0.1, 0.25])
 LOGITS = PROBS.log()
 
 
-def test_top_k_keeps_exactly_the_k_largest():
+def test_top_k_keeps_the_k_largest_and_every_tie_of_the_kth():
     assert kept(filter_logits(LOGITS, top_k=1)) == {1}
     assert kept(filter_logits(LOGITS, top_k=2)) == {1, 3}
     assert kept(filter_logits(LOGITS, top_k=3)) == {1, 3, 0}
     assert kept(filter_logits(LOGITS, top_k=10)) == {0, 1, 2, 3}
-    # exactly k even with ties
-    ties = torch.zeros(6)
-    assert len(kept(filter_logits(ties, top_k=4))) == 4
+    ties = torch.tensor([0.0, 2.0, 1.0, 1.0, 1.0, -1.0])
+    assert kept(filter_logits(ties, top_k=2)) == {1, 2, 3, 4}  # the 2nd largest is tied three ways: all stay
+    assert kept(filter_logits(ties, top_k=4)) == {1, 2, 3, 4}
+    assert kept(filter_logits(torch.zeros(6), top_k=1)) == set(range(6))
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
@@ -35,6 +36,9 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert kept(filter_logits(LOGITS, top_p=0.8)) == {1, 3, 0}  # 0.9
     assert kept(filter_logits(LOGITS, top_p=0.95)) == {0, 1, 2, 3}
     assert kept(filter_logits(LOGITS, top_p=1e-9)) == {1}  # always keeps the most likely id
+    assert kept(filter_logits(LOGITS, top_p=0.0)) == {1}  # 0 keeps only the most likely id, as transformers does
+    assert kept(filter_logits(torch.zeros(4), top_p=0.0)) == {0}  # one id even among ties: the lowest
+    assert kept(filter_logits(LOGITS, top_p=1.0)) == {0, 1, 2, 3}
     out = filter_logits(LOGITS, top_p=0.7)
     assert torch.equal(out[[1, 3]], LOGITS[[1, 3]])  # kept logits are unchanged
 
@@ -56,7 +60,9 @@ def test_filter_argument_errors():
     with pytest.raises(ValueError, match="top_k"):
         filter_logits(LOGITS, top_k=0)
     with pytest.raises(ValueError, match="top_p"):
-        filter_logits(LOGITS, top_p=0.0)
+        filter_logits(LOGITS, top_p=-0.1)
+    with pytest.raises(ValueError, match="top_p"):
+        filter_logits(LOGITS, top_p=1.5)
     with pytest.raises(ValueError, match="temperature"):
         sample_from_logits(LOGITS[None], None, temperature=0.0)
 

@@ -1,9 +1,10 @@
-"""Token cache: every training image encoded once by the VQGAN into uint16 ids on disk, plus the caption ids.
+"""Token cache: every training image encoded once by the VQGAN into ids on disk, plus the caption ids.
 
 The transformer stage then reads ids through memory maps and never runs the VQGAN per step. The cache is keyed by a
 fingerprint of the TSV, the VQGAN weights, the tokenizer and the preprocessing, and is rebuilt when any of them changes.
 
-Layout of `cache_dir`: `image_ids.u16` (raw uint16 [N, h*w]), `text_ids.i32` (raw int32 [N, text_len]),
+Layout of `cache_dir`: `image_ids.u16` (raw uint16 [N, h*w]; `image_ids.u32`, uint32, for a codebook of more than
+65536 codes), `text_ids.i32` (raw int32 [N, text_len]),
 `captions.jsonl` (one {"idx", "text", "line"} per row) and `meta.json` (fingerprint, shapes), which is written last:
 a build killed midway leaves no `meta.json` that matches, so the next call rebuilds.
 """
@@ -28,7 +29,18 @@ logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 _HEAD_TAIL_BYTES = 1 << 20
-_FILES = {"image_ids": ("image_ids.u16", np.uint16), "text_ids": ("text_ids.i32", np.int32)}
+_TEXT_FILE = ("text_ids.i32", np.int32)
+_IMAGE_FILES = {"uint16": ("image_ids.u16", np.uint16), "uint32": ("image_ids.u32", np.uint32)}
+
+
+def image_ids_dtype(codebook_size) -> str:
+    """The narrowest stored id width for a codebook: uint16 up to 65536 codes, uint32 above (None: uint16)."""
+    return "uint32" if codebook_size is not None and int(codebook_size) > 65536 else "uint16"
+
+
+def _files(ids_dtype: str) -> dict:
+    """{name: (file name, numpy dtype)} of the raw arrays in a cache whose image ids are stored as ids_dtype."""
+    return {"image_ids": _IMAGE_FILES[ids_dtype], "text_ids": _TEXT_FILE}
 
 
 def file_fingerprint(path) -> dict:
@@ -80,7 +92,7 @@ class TokenCache(Dataset):
     def _open(self) -> None:
         n = self.meta["num_rows"]
         widths = {"image_ids": self.meta["tokens_per_image"], "text_ids": self.meta["fingerprint"]["text_len"]}
-        for name, (filename, dtype) in _FILES.items():
+        for name, (filename, dtype) in _files(self.meta.get("image_ids_dtype", "uint16")).items():
             path = os.path.join(self.cache_dir, filename)
             expected = n * widths[name] * np.dtype(dtype).itemsize
             if not os.path.isfile(path) or os.path.getsize(path) != expected:
@@ -151,7 +163,10 @@ def build_token_cache(tsv_path, vqgan, tokenizer: TextTokenizer, cache_dir, reso
         os.remove(meta_path)  # from here on, the old files no longer count as a cache
 
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = {name: os.path.join(cache_dir, f"{filename}.tmp{os.getpid()}") for name, (filename, _) in _FILES.items()}
+    ids_dtype = image_ids_dtype(getattr(vqgan, "codebook_size", None))
+    files = _files(ids_dtype)
+    id_max = int(np.iinfo(files["image_ids"][1]).max)
+    tmp = {name: os.path.join(cache_dir, f"{filename}.tmp{os.getpid()}") for name, (filename, _) in files.items()}
     tmp["captions"] = os.path.join(cache_dir, f"captions.jsonl.tmp{os.getpid()}")
     dataset = TSVImageText(tsv_path, resolution, bad_rows=bad_rows, rank=0, world_size=1)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
@@ -171,9 +186,10 @@ def build_token_cache(tsv_path, vqgan, tokenizer: TextTokenizer, cache_dir, reso
                     raise ValueError(f"vqgan.encode returned shape {tuple(ids.shape)}, expected [B,h,w] "
                                      f"with the same h, w for every batch")
                 grid = tuple(ids.shape[1:])
-                if ids.min() < 0 or ids.max() > np.iinfo(np.uint16).max:
-                    raise ValueError("vqgan.encode returned ids outside [0, 65535]: cannot store them as uint16")
-                image_file.write(ids.reshape(ids.shape[0], -1).cpu().numpy().astype(np.uint16).tobytes())
+                if ids.min() < 0 or ids.max() > id_max:
+                    raise ValueError(f"vqgan.encode returned ids outside [0, {id_max}]: cannot store them as "
+                                     f"{ids_dtype} (its codebook_size is {getattr(vqgan, 'codebook_size', 'unknown')})")
+                image_file.write(ids.reshape(ids.shape[0], -1).cpu().numpy().astype(files["image_ids"][1]).tobytes())
                 text_ids = tokenizer.encode(batch["text"], length=text_len, warn=False)  # long [B,text_len]
                 truncated += sum(n > text_len for n in tokenizer.num_tokens(batch["text"]))
                 text_file.write(text_ids.numpy().astype(np.int32).tobytes())
@@ -182,11 +198,14 @@ def build_token_cache(tsv_path, vqgan, tokenizer: TextTokenizer, cache_dir, reso
                 num_rows += ids.shape[0]
         if num_rows == 0:
             raise ValueError(f"{tsv_path}: no usable rows to cache")
-        for name, (filename, _) in _FILES.items():
+        for name, (filename, _) in files.items():
             os.replace(tmp[name], os.path.join(cache_dir, filename))
+        for other, (filename, _) in _IMAGE_FILES.items():  # ids of a previous build at the other width
+            if other != ids_dtype and os.path.exists(os.path.join(cache_dir, filename)):
+                os.remove(os.path.join(cache_dir, filename))
         os.replace(tmp["captions"], os.path.join(cache_dir, "captions.jsonl"))
         meta = {"fingerprint": fingerprint, "num_rows": num_rows, "image_grid": list(grid),
-                "tokens_per_image": grid[0] * grid[1], "captions_truncated": truncated,
+                "tokens_per_image": grid[0] * grid[1], "image_ids_dtype": ids_dtype, "captions_truncated": truncated,
                 "bad_rows_skipped": dataset.bad_rows_skipped, "bad_row_counts": dataset.bad_row_counts}
         with open(meta_tmp, "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1, ensure_ascii=False)

@@ -20,29 +20,42 @@ def check_generators(generator: Generators, batch: int) -> None:
         raise ValueError(f"generator: got a list of {len(generator)} generators for a batch of {batch} rows")
 
 
-def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
-    """Top-k, then top-p (nucleus) filtering over the last dim; filtered entries become -inf.
+# float64 sums of ~1e4 probabilities err by ~1e-14; real masses 1e-12 apart from top_p are still told apart
+TOP_P_TOLERANCE = 1e-12
 
-    Top-k keeps exactly the k largest logits. Top-p then keeps the smallest prefix of the remaining ids, sorted by
-    probability, whose mass reaches top_p. The most likely id always survives.
+
+def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
+    """Top-k, then top-p (nucleus) filtering over the last dim; filtered entries become -inf, kept ones are unchanged.
+
+    The conventions of HuggingFace transformers, taming, minGPT and LlamaGen:
+    - top-k keeps every logit >= the k-th largest, so ids tied with the k-th are all kept (more than k then);
+    - top-p keeps the most likely ids, in order, until their probability mass reaches top_p: an id is dropped when
+      the ids strictly before it in that order already hold >= top_p. Equal logits are ordered by id. The masses are
+      summed in float64, so float32 round-off (probabilities summing to 1 +- 1e-5 over a large vocabulary) cannot
+      move the cut; a mass within TOP_P_TOLERANCE of top_p counts as reaching it, so an exact boundary (36 of 72
+      equal logits at top_p = 0.5) is not decided by the last bit of a float64 sum either.
+      top_p = 0 keeps the single most likely id (as transformers does); top_p = 1 keeps every id.
+    The most likely id always survives.
     """
     vocab = logits.shape[-1]
     if top_k is not None:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if top_k < vocab:
-            keep_idx = torch.topk(logits, top_k, dim=-1).indices
-            keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, keep_idx, True)
-            logits = logits.masked_fill(~keep, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
-        sorted_probs = sorted_logits.float().softmax(dim=-1)
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the strictly more likely ids
-        remove_sorted = mass_before >= top_p  # the set before already reaches top_p; never true for the first id
-        remove = torch.zeros_like(remove_sorted).scatter_(-1, sorted_idx, remove_sorted)
-        logits = logits.masked_fill(remove, float("-inf"))
+            kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # [..., 1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        if not 0.0 <= top_p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1] (0 keeps only the most likely id), got {top_p}")
+        if top_p < 1.0:
+            sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True, stable=True)
+            sorted_probs = sorted_logits.double().softmax(dim=-1)
+            mass_before = sorted_probs.cumsum(dim=-1).roll(1, dims=-1)  # mass of the ids before each one
+            mass_before[..., 0] = 0.0
+            remove_sorted = mass_before >= top_p - TOP_P_TOLERANCE
+            remove_sorted[..., 0] = False  # the most likely id always stays (top_p = 0 keeps only it)
+            remove = torch.zeros_like(remove_sorted).scatter_(-1, sorted_idx, remove_sorted)
+            logits = logits.masked_fill(remove, float("-inf"))
     return logits
 
 
