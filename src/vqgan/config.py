@@ -24,6 +24,8 @@ class VQGANConfig:
     out_ch: int = 3
     dropout: float = 0.0
     double_z: bool = False
+    # Self-attention between the two middle res blocks of encoder and decoder (taming, LlamaGen); aMUSEd's VQ has none.
+    mid_attention: bool = True
     # "legacy": taming's form, beta on the codebook term (a bug kept so the published weights train as they did);
     # "standard": beta on the commitment term; "l2": LlamaGen-style l2-normalised (low-dim) codes, beta on commitment.
     quantizer: str = "legacy"

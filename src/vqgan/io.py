@@ -1,11 +1,13 @@
-"""Loading and saving VQGANs: save_pretrained directories and taming-transformers Lightning checkpoints.
+"""Loading and saving VQGANs: save_pretrained directories, taming-transformers Lightning checkpoints, LlamaGen
+tokenizer checkpoints and diffusers VQModel directories (both ways; key mappings in formats.py).
 
 Loading never runs pickled code unless the caller opts in (`allow_unsafe_pickle=True`), is strict, and names the file
 and every mismatched key. A taming checkpoint's architecture comes from a `model.yaml` beside it, or else is read off
-the weights themselves.
+the weights themselves, as is a LlamaGen checkpoint's.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -19,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import formats
 from .config import VQGANConfig
 from ..utils import atomic_write, read_yaml, state_dict_mismatch
 
@@ -42,13 +45,26 @@ class UnsafeCheckpointError(CheckpointError):
 # saving
 # ---------------------------------------------------------------------------------------------------------------
 
-def save_vqgan(model, directory: PathLike) -> None:
-    """directory/config.json + directory/model.safetensors (tensors stored contiguous, in the model's dtype)."""
+SAVE_FORMATS = ("tokenpaint", "diffusers")
+
+
+def save_vqgan(model, directory: PathLike, format: str = "tokenpaint") -> None:
+    """directory/config.json + directory/model.safetensors (tensors stored contiguous, in the model's dtype);
+    format="diffusers": a diffusers VQModel directory (config.json + diffusion_pytorch_model.safetensors)."""
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"format must be one of {SAVE_FORMATS}, got {format!r}")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if format == "diffusers":  # check that diffusers can represent the model before writing anything
+        config = formats.config_to_diffusers(model.config)
+        tensors = formats.tokenpaint_to_diffusers(tensors, len(model.config.ch_mult))
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        weights_name = formats.DIFFUSERS_WEIGHTS
+    else:
+        config, weights_name = model.config.to_dict(), WEIGHTS_NAME
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    text = json.dumps(model.config.to_dict(), indent=2) + "\n"
+    atomic_write(directory / weights_name, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    text = json.dumps(config, indent=2) + "\n"
     atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
@@ -121,13 +137,18 @@ def read_safetensors(path: PathLike) -> StateDict:
         raise CheckpointError(f"{path}: truncated or corrupt safetensors file: {_first_line(e)}") from None
 
 
-def read_json_config(path: PathLike) -> VQGANConfig:
+def read_json_object(path: PathLike) -> dict:
     try:
         d = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def read_json_config(path: PathLike) -> VQGANConfig:
+    d = read_json_object(path)
     try:
         return VQGANConfig.from_dict(d)
     except (TypeError, ValueError) as e:
@@ -144,11 +165,18 @@ def read_taming_yaml(path: PathLike) -> VQGANConfig:
 # ---------------------------------------------------------------------------------------------------------------
 # taming checkpoints
 # ---------------------------------------------------------------------------------------------------------------
+# where checkpoints keep their weights, in LlamaGen's order of preference (EMA weights first); else a bare state dict
+WEIGHT_ENTRIES = ("ema", "model", "state_dict")
+
+
 def extract_state_dict(ckpt: Mapping, source: PathLike) -> Tuple[StateDict, int]:
-    """Lightning ckpt (or a bare state dict) -> (model weights, number of `loss.*` keys set aside)."""
-    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else None
+    """Lightning ckpt, LlamaGen .pt (or a bare state dict) -> (model weights, number of `loss.*` keys set aside)."""
+    sd = None
+    if isinstance(ckpt, Mapping):
+        sd = next((ckpt[k] for k in WEIGHT_ENTRIES if isinstance(ckpt.get(k), Mapping)), ckpt)
     if not isinstance(sd, Mapping) or not any(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{source}: no weights found (expected a Lightning checkpoint with a 'state_dict')")
+        raise CheckpointError(f"{source}: no weights found (expected a Lightning checkpoint with a 'state_dict', "
+                              "or a LlamaGen checkpoint with 'ema' or 'model')")
     weights = {k: v for k, v in sd.items() if not k.startswith("loss.")}
     return weights, len(sd) - len(weights)
 
@@ -177,6 +205,9 @@ def infer_config(sd: Mapping[str, torch.Tensor], source: PathLike = "checkpoint"
         if width % ch:
             raise CheckpointError(f"{source}: encoder level {i} width {width} is not a multiple of ch={ch}")
         ch_mult.append(width // ch)
+    mid_attention = "encoder.mid.attn_1.q.weight" in sd
+    if mid_attention != ("decoder.mid.attn_1.q.weight" in sd):
+        raise CheckpointError(f"{source}: the encoder's and decoder's middle blocks differ in having attention")
     enc_attn = [f"encoder.down.{i}.attn.0.q.weight" in sd for i in levels]
     dec_attn = [f"decoder.up.{i}.attn.0.q.weight" in sd for i in levels]
     if enc_attn != dec_attn:
@@ -200,6 +231,7 @@ def infer_config(sd: Mapping[str, torch.Tensor], source: PathLike = "checkpoint"
         resolution=resolution,
         in_channels=in_channels,
         out_ch=shape("decoder.conv_out.weight")[0],
+        mid_attention=mid_attention,
         quantizer="legacy",
     )
 
@@ -231,29 +263,44 @@ def build_from_state_dict(config: VQGANConfig, sd: StateDict, source: str):
 def load_vqgan(path: PathLike, allow_unsafe_pickle: bool = False, map_location="cpu"):
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"VQGAN not found: {path} (expected a save_pretrained directory or a taming .ckpt)")
+        raise FileNotFoundError(f"VQGAN not found: {path} (expected a save_pretrained directory, a diffusers VQModel "
+                                "directory, a taming .ckpt or a LlamaGen .pt)")
     if path.is_dir():
+        if not (path / CONFIG_NAME).is_file() and (path / "vqvae" / CONFIG_NAME).is_file():
+            path = path / "vqvae"  # a diffusers pipeline (aMUSEd) keeps its VQ model there
         config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
-        for p in (config_path, weights_path):
-            if not p.is_file():
-                raise FileNotFoundError(f"{p} not found: {path} is not a VQGAN save_pretrained directory")
-        model = build_from_state_dict(read_json_config(config_path), read_safetensors(weights_path), str(weights_path))
+        if config_path.is_file() and (
+                "_class_name" in read_json_object(config_path) or (path / formats.DIFFUSERS_WEIGHTS).is_file()):
+            model = load_diffusers_directory(path)
+        else:
+            for p in (config_path, weights_path):
+                if not p.is_file():
+                    raise FileNotFoundError(f"{p} not found: {path} is not a VQGAN save_pretrained directory")
+            model = build_from_state_dict(read_json_config(config_path), read_safetensors(weights_path),
+                                          str(weights_path))
     elif path.suffix == ".safetensors":
         config_path = path.with_name(CONFIG_NAME)
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path} not found: a bare {path.name} needs its config.json beside it")
         model = build_from_state_dict(read_json_config(config_path), read_safetensors(path), str(path))
     else:
-        model = load_taming_checkpoint(path, allow_unsafe_pickle=allow_unsafe_pickle)
+        model = load_torch_checkpoint(path, allow_unsafe_pickle=allow_unsafe_pickle)
     return model.to(map_location)
 
 
-def load_taming_checkpoint(path: PathLike, allow_unsafe_pickle: bool = False):
+def load_torch_checkpoint(path: PathLike, allow_unsafe_pickle: bool = False):
+    """A taming Lightning .ckpt, a LlamaGen tokenizer .pt or a bare state dict saved with torch.save."""
     path = Path(path)
     sd, n_loss = extract_state_dict(read_torch_checkpoint(path, allow_unsafe_pickle), path)
     if n_loss:
         logger.warning("%s: set aside %d loss.* weights (LPIPS / discriminator; unused for inference)", path, n_loss)
     sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if formats.is_llamagen(sd):
+        # LlamaGen's tokenizers: l2-normalised codes of the width quant_conv maps to, beta on the commitment term
+        sd = formats.llamagen_to_tokenpaint(sd)
+        config = dataclasses.replace(infer_config(sd, path), quantizer="l2")
+        logger.info("%s: LlamaGen tokenizer, architecture inferred from the weights: %s", path, config)
+        return build_from_state_dict(config, sd, f"{path} (LlamaGen layout)")
     yaml_path = path.with_name("model.yaml")
     if yaml_path.is_file():
         config, source = read_taming_yaml(yaml_path), f"{path} (architecture from {yaml_path})"
@@ -261,3 +308,18 @@ def load_taming_checkpoint(path: PathLike, allow_unsafe_pickle: bool = False):
         config, source = infer_config(sd, path), str(path)
         logger.info("%s: architecture inferred from the weights: %s", path, config)
     return build_from_state_dict(config, sd, source)
+
+
+def load_diffusers_directory(path: Path):
+    """A diffusers VQModel directory: config.json + diffusion_pytorch_model.safetensors (or the .bin, read with
+    weights_only=True)."""
+    config = formats.config_from_diffusers(read_json_object(path / CONFIG_NAME), str(path / CONFIG_NAME))
+    weights = path / formats.DIFFUSERS_WEIGHTS
+    if weights.is_file():
+        sd = read_safetensors(weights)
+    elif weights.with_suffix(".bin").is_file():
+        weights = weights.with_suffix(".bin")
+        sd, _ = extract_state_dict(read_torch_checkpoint(weights), weights)
+    else:
+        raise FileNotFoundError(f"{weights} not found: {path} has a diffusers config.json but no weights")
+    return build_from_state_dict(config, formats.diffusers_to_tokenpaint(sd), f"{weights} (diffusers layout)")

@@ -124,12 +124,15 @@ class VQGAN(nn.Module):
     def from_pretrained(
         cls, path: Union[str, os.PathLike], allow_unsafe_pickle: bool = False, map_location: str = "cpu"
     ) -> "VQGAN":
-        """A directory written by save_pretrained, or a taming-transformers Lightning .ckpt (see io.load_vqgan)."""
+        """A directory written by save_pretrained, a diffusers VQModel directory (aMUSEd's VQ too), a taming-transformers
+        Lightning .ckpt or a LlamaGen tokenizer .pt (see io.load_vqgan)."""
         from .io import load_vqgan
 
         return load_vqgan(path, allow_unsafe_pickle=allow_unsafe_pickle, map_location=map_location)
 
-    def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
+    def save_pretrained(self, directory: Union[str, os.PathLike], format: str = "tokenpaint") -> None:
+        """config.json + model.safetensors; format="diffusers" writes a directory diffusers' VQModel loads
+        (config.json + diffusion_pytorch_model.safetensors; not for the "l2" quantizer, which it lacks)."""
         from .io import save_vqgan
 
-        save_vqgan(self, directory)
+        save_vqgan(self, directory, format=format)

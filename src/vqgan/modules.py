@@ -114,14 +114,18 @@ class Level(nn.Module):
 
 
 class Middle(nn.Module):
-    def __init__(self, channels: int, dropout: float):
+    def __init__(self, channels: int, dropout: float, attention: bool = True):
         super().__init__()
         self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels)
+        if attention:
+            self.attn_1 = AttnBlock(channels)
         self.block_2 = ResnetBlock(channels, channels, dropout)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.block_2(self.attn_1(self.block_1(h)))
+        h = self.block_1(h)
+        if hasattr(self, "attn_1"):
+            h = self.attn_1(h)
+        return self.block_2(h)
 
 
 def encoder_attn_levels(cfg: VQGANConfig) -> List[bool]:
@@ -154,7 +158,7 @@ class Encoder(nn.Module):
             if i != len(widths) - 1:
                 level.downsample = Downsample(c_out)
             self.down.append(level)
-        self.mid = Middle(c_in, cfg.dropout)
+        self.mid = Middle(c_in, cfg.dropout, cfg.mid_attention)
         self.norm_out = normalize(c_in)
         self.conv_out = conv3x3(c_in, cfg.z_channels)
 
@@ -174,7 +178,7 @@ class Decoder(nn.Module):
         widths = [cfg.ch * m for m in cfg.ch_mult]
         c_in = widths[-1]
         self.conv_in = conv3x3(cfg.z_channels, c_in)
-        self.mid = Middle(c_in, cfg.dropout)
+        self.mid = Middle(c_in, cfg.dropout, cfg.mid_attention)
         levels = []
         attn_levels = decoder_attn_levels(cfg)
         for i in reversed(range(len(widths))):
