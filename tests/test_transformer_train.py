@@ -98,6 +98,24 @@ def test_cli_run_learns_and_writes_a_self_contained_run_directory(trained, kind)
     assert images[0].size == (16, 16) and images[0].mode == "RGB"
 
 
+@pytest.mark.parametrize("kind", ["gpt", "mim"])
+def test_run_directory_has_a_model_card_that_loads_it(trained, kind):
+    out = trained[kind]
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert card.startswith("---\nlibrary_name: tokenpaint\n") and f"- {kind}\n" in card
+    assert "steps: 30 of 30;" in card and "images seen: 240" in card  # 30 steps x batch 8
+    assert "`train.tsv` (16 rows, " in card and "`val.tsv` (8 rows, " in card
+    last = [m for m in metrics(out) if "loss" in m][-1]
+    assert f"| loss | {last['loss']:.6g} | 30 |" in card
+    assert "val_loss" in card and (out / "train_config.yaml").read_text().rstrip() in card
+    for folder in ("checkpoints/", "cache/", "samples/"):
+        assert f"- `{folder}`" in card
+    usage = card.split("```python\n")[1].split("```")[0]
+    scope = {}
+    exec(usage.replace("path/to/this/folder", str(out)), scope)  # the card's own loading code works
+    assert scope["pipe"].kind == kind and scope["images"][0].size == (16, 16)
+
+
 def test_token_cache_is_built_once_and_reused_on_resume(env, trained):
     out = trained["gpt"]
     meta = out / "cache" / "train" / "meta.json"

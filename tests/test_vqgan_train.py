@@ -86,6 +86,12 @@ def test_tiny_vqgan_learns_and_writes_a_loadable_run_dir(data, tmp_path):
 
     vq = VQGAN.from_pretrained(str(out))
     assert vq.config.n_embed == TINY_MODEL["n_embed"] and vq.config.quantizer == "l2"
+    card = (out / "README.md").read_text(encoding="utf-8")  # the run is ready to publish
+    assert "steps: 60 of 60;" in card and f"| val_psnr | {val_rows[-1]['val_psnr']:.6g} | 60 |" in card
+    assert "- `checkpoints/`" in card and "- `samples/`" in card
+    scope = {}
+    exec(card.split("```python\n")[1].split("```")[0].replace("path/to/this/folder", str(out)), scope)
+    assert scope["x_hat"].shape == (1, 3, 16, 16)
     assert os.path.exists(out / "samples" / "recon_00000060.png")
     assert yaml.safe_load((out / "train_config.yaml").read_text())["model"]["ch_mult"] == [1, 2]
     with pytest.raises(ValueError, match="already holds a run.*--resume"):

@@ -34,6 +34,7 @@ from .common import (CheckpointManager, GracefulStop, MetricsLogger, TimeBudget,
                      check_finite, cleanup_distributed, cosine_lr, is_distributed, is_main, load_config, maybe_compile,
                      progress_bar, report_finish, resolve_bf16, restore_rng, save_yaml, set_seed, setup_distributed,
                      start_or_resume, sync_progress)
+from .model_card import write_model_card
 from .transformer_data import GlobalBatches, corrupt, rank_rows, summed_cross_entropy
 from .transformer_samples import sample_grid, validation_loss
 
@@ -149,6 +150,23 @@ def _token_caches(opts, vqgan, tokenizer, resolution, text_len, batch_size, imag
                              f"{image_size}x{image_size} (data.resolution / VQGAN downsample factor)")
         caches[name] = cache
     return caches
+
+
+def _write_card(opts, kind, step, max_steps, stop_reason, images_seen, caches) -> None:
+    what = {"gpt": "a causal GPT over [text ids ; image ids], sampled one id at a time (KV cache, top-k / top-p)",
+            "mim": "a bidirectional masked transformer (MaskGIT style), sampled by iterative masked decoding"}[kind]
+    write_model_card(
+        opts.out, title=f"tokenpaint text-to-image generator ({kind})",
+        description=f"A tokenpaint text-to-image model: {what}, conditioned on SentencePiece "
+                    "text ids (`tokenizer.model`) and drawing the image ids of the VQGAN in `vqgan/`, which turns "
+                    "them into pixels. Command line: `python generate.py --model path/to/this/folder --prompt "
+                    "\"a red circle\"`.",
+        usage='from tokenpaint import Pipeline\n\n'
+              'pipe = Pipeline.from_pretrained("path/to/this/folder")\n'
+              'images = pipe(["a red circle on the left"], num_images=1, seed=0)  # a list of PIL images',
+        steps=step, max_steps=max_steps, stop_reason=stop_reason, images_seen=images_seen, data=opts.data,
+        data_rows=len(caches["train"]), val=opts.val, val_rows=len(caches["val"]) if "val" in caches else None,
+        tags=(kind,))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -299,6 +317,8 @@ def _train(opts: TrainOptions, info) -> dict:
         if is_main():
             model.save_pretrained(opts.out)
     metrics.close()
+    if is_main():
+        _write_card(opts, kind, step, max_steps, stop_reason, step * global_batch * accum, caches)
 
     bad = caches["train"].meta.get("bad_rows_skipped", 0)
     report_finish(opts, step, max_steps, stop_reason, last_ckpt, bad)

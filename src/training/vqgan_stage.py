@@ -25,6 +25,7 @@ from .common import (EMA, CheckpointManager, GracefulStop, MetricsLogger, Resuma
                      capture_rng, check_finite, cleanup_distributed, cosine_lr, is_distributed, is_main, load_config,
                      maybe_compile, progress_bar, report_finish, resolve_bf16, restore_rng, save_yaml, set_seed,
                      setup_distributed, start_or_resume, sync_progress)
+from .model_card import write_model_card
 
 LOSS_DEFAULTS = dict(l1_weight=1.0, l2_weight=0.0, perceptual_weight=1.0, codebook_weight=1.0, lpips_vgg=None,
                      lpips_lin=None, discriminator=True, disc_start=0, disc_weight=0.75, disc_factor=1.0,
@@ -320,6 +321,23 @@ def _train(opts: TrainOptions, info, TSVImageText) -> dict:
                 ema.copy_to(final)
             final.save_pretrained(opts.out)
     metrics.close()
+    if is_main():
+        cfg_model = model.config
+        side, grid = dcfg["resolution"], dcfg["resolution"] // cfg_model.downsample_factor
+        write_model_card(
+            opts.out, title="tokenpaint VQGAN image tokenizer",
+            description=f"A tokenpaint VQGAN: {side}x{side} images <-> {grid}x{grid} grids of "
+                        f"ids from {cfg_model.n_embed} codes ({cfg_model.quantizer} quantizer"
+                        f"{', EMA weights' if ema is not None else ''}). Train a text-to-image generator on it with "
+                        "`python train.py transformer --vqgan path/to/this/folder ...`.",
+            usage="import torch\nfrom tokenpaint.vqgan import VQGAN\n\n"
+                  'vq = VQGAN.from_pretrained("path/to/this/folder").eval()\n'
+                  f"images = torch.rand(1, 3, {side}, {side}) * 2 - 1  # float [B,3,H,W] in [-1,1]\n"
+                  f"ids = vq.encode(images)  # long [B,{grid},{grid}]\n"
+                  "x_hat = vq.decode(ids)  # float [B,3,H,W], not clamped",
+            steps=step, max_steps=max_steps, stop_reason=stop_reason,
+            images_seen=step * tcfg["batch_size"] * accum * info.world_size, data=opts.data, val=opts.val,
+            tags=("vqgan", "image-tokenizer"))
 
     bad = batches.bad_rows_skipped
     report_finish(opts, step, max_steps, stop_reason, last_ckpt, bad)
