@@ -3,6 +3,7 @@
     python generate.py --model RUN_DIR --prompt "a red circle" "一只猫" --num-images 4 --out-dir outputs/
     python generate.py --model RUN_DIR --input prompts.tsv --output predictions.tsv   # EasyNLP predict schema
     python generate.py --model RUN_DIR --prompt "a cat" --init-image in.png --mask mask.png --edit-mode inpaint
+    python generate.py --model RUN_DIR --lora STYLE_RUN:0.8 --lora OTHER_RUN:0.5 --prompt "an orange square"
 
 Image i of the request (prompt-major) uses seed + i, so any single image can be regenerated alone.
 """
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 from tokenpaint.pipeline import DTYPES, EDIT_MODES, Pipeline, make_grid, validate_options
+from tokenpaint.transformer.lora import DEFAULT_SCALE as DEFAULT_LORA_SCALE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="cast the generator once")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: all cores)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="apply a LoRA adapter (a `train.py transformer --lora` run directory or its lora.safetensors) "
+                        "at SCALE (default 0.8); repeat to mix several")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the generator first (pays off for many images on a GPU; see benchmarks/)")
     return p
@@ -71,6 +76,7 @@ def check_args(parser: argparse.ArgumentParser, args) -> tuple[list[tuple[str, s
             parser.error(f"--device {args.device}: CUDA is not available on this machine")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    args.lora = [parse_lora(parser, spec) for spec in args.lora]
     editing = [flag for flag, value in (("--mask", args.mask), ("--edit-mode", args.edit_mode)) if value]
     if editing and not args.init_image:
         parser.error(f"{editing[0]} needs --init-image")
@@ -97,6 +103,20 @@ def check_args(parser: argparse.ArgumentParser, args) -> tuple[list[tuple[str, s
     return prompts, kind
 
 
+def parse_lora(parser: argparse.ArgumentParser, spec: str) -> tuple[str, float]:
+    """--lora PATH[:SCALE] -> (path, scale); the path must exist."""
+    path, scale = spec, DEFAULT_LORA_SCALE
+    head, sep, tail = spec.rpartition(":")
+    if sep and not os.path.exists(spec):
+        try:
+            path, scale = head, float(tail)
+        except ValueError:
+            parser.error(f"--lora {spec}: the scale after ':' must be a number, got {tail!r}")
+    if not os.path.exists(path):
+        parser.error(f"--lora {spec}: no LoRA adapter at {path}")
+    return path, scale
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -108,6 +128,11 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(args.threads)
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    for path, scale in args.lora:
+        try:
+            pipe.load_lora(path, scale=scale)
+        except (ValueError, FileNotFoundError) as e:
+            parser.error(f"--lora {path}: {e}")
     if args.compile:
         pipe.compile()
     options = dict(steps=args.steps, guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,

@@ -24,6 +24,8 @@ from tqdm.auto import tqdm
 from .sampling import continue_image, img2img, inpaint, outpaint, pixel_mask_to_token_mask, sample_autoregressive
 from .sampling import sample_masked
 from .sampling.editing import pixel_mask_to_bool
+from .transformer.lora import DEFAULT_SCALE as LORA_SCALE
+from .transformer.lora import LoRAAdapter, LoRASet, base_hash
 from .utils import read_yaml
 
 # used when train_config.yaml has no `sample:` section (the same values as tokenpaint.transformer.SAMPLE_DEFAULTS)
@@ -123,6 +125,8 @@ class Pipeline:
         self.kind = model.config.kind
         self.defaults = dict(BUILTIN_DEFAULTS if defaults is None else defaults)
         self.device = next(model.parameters()).device
+        self._lora = None  # a LoRASet once an adapter is loaded (load_lora)
+        self._base_sha256 = None  # the base weights' hash as saved (set by from_pretrained before a dtype cast)
         self.tokens_per_side = int(model.config.image_size)
         self.resolution = self.tokens_per_side * int(vqgan.downsample_factor)
         if tokenizer.vocab_size > model.config.text_vocab_size:
@@ -153,15 +157,54 @@ class Pipeline:
                 raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
             dtype = DTYPES[dtype]
         model = load_generator(run_dir, map_location=device)
+        sha256 = base_hash(model) if dtype not in (None, torch.float32) else None  # LoRA files name the saved weights
         model.prepare_for_inference(dtype)  # a one-time cast: autocast would re-cast weights at every decode step
         vqgan = VQGAN.from_pretrained(run_dir / "vqgan", map_location=str(device)).prepare_for_inference()
         tokenizer = TextTokenizer(str(run_dir / "tokenizer.model"))
-        return cls(model, tokenizer, vqgan, read_sample_defaults(run_dir / "train_config.yaml"))
+        pipe = cls(model, tokenizer, vqgan, read_sample_defaults(run_dir / "train_config.yaml"))
+        pipe._base_sha256 = sha256
+        return pipe
 
     def compile(self, **options) -> "Pipeline":
         """torch.compile the generator's transformer blocks in place (TokenTransformer.compile_blocks). The first
         batch pays for compilation; options go to torch.compile. Measure first: benchmarks/mim_vs_ar.py --compile."""
         self.model.compile_blocks(**options)
+        return self
+
+    # ------------------------------------------------------------------ LoRA adapters
+    def load_lora(self, path, scale: float = LORA_SCALE, name: Optional[str] = None) -> str:
+        """Apply a LoRA adapter (a `train.py transformer --lora` run directory, or its lora.safetensors with
+        lora.json beside it) at `scale`; several can be loaded, each with its own scale, and their updates add up.
+        An adapter trained on other base weights is refused (both hashes named). Returns its name (default: the
+        directory's name)."""
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+            raise ValueError(f"LoRA scale must be a number, got {scale!r}")
+        adapter = LoRAAdapter.load(path, map_location=self.device)
+        if self._lora is None:
+            self._lora = LoRASet(self.model, self._base_sha256)
+        name = name or Path(adapter.source).name
+        self._lora.add(adapter, scale, name)
+        return name
+
+    @property
+    def loras(self) -> dict[str, float]:
+        """Loaded adapters -> their scales (fused ones included)."""
+        if self._lora is None:
+            return {}
+        return {name: scale for name, (_, scale) in {**self._lora.fused, **self._lora.adapters}.items()}
+
+    def fuse_lora(self) -> "Pipeline":
+        """Fold the loaded adapters into the generator's weights (sampling then costs what the base costs);
+        `unload_lora` still restores the base exactly."""
+        if self._lora is None or not self._lora.adapters:
+            raise ValueError("fuse_lora: no LoRA adapter is loaded (load_lora first)")
+        self._lora.fuse()
+        return self
+
+    def unload_lora(self) -> "Pipeline":
+        """Remove every adapter, fused or not: the base weights are back bit for bit."""
+        if self._lora is not None:
+            self._lora.unload()
         return self
 
     # ------------------------------------------------------------------ text -> images

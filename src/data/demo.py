@@ -12,7 +12,7 @@ import os
 import re
 from collections import Counter, deque
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -64,9 +64,11 @@ class SceneAttributes:
                 raise ValueError(f"SceneAttributes.{name}={value!r}; expected one of {allowed}")
 
 
-def random_attributes(rng: np.random.Generator) -> SceneAttributes:
+def random_attributes(rng: np.random.Generator, colors: Optional[Sequence[str]] = None) -> SceneAttributes:
+    """A random scene; `colors` (PALETTE keys) limits the colours drawn from (default: all of them)."""
     pick = lambda options: options[int(rng.integers(len(options)))]  # noqa: E731
-    return SceneAttributes(pick(tuple(PALETTE)), pick(SHAPES), pick(SIZES), pick(HORIZONTAL), pick(VERTICAL))
+    return SceneAttributes(pick(tuple(PALETTE) if colors is None else tuple(colors)), pick(SHAPES), pick(SIZES),
+                           pick(HORIZONTAL), pick(VERTICAL))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -293,26 +295,31 @@ DEMO_PROMPTS = [
 ]
 
 
-def _write_split(path: str, num_rows: int, resolution: int, rng: np.random.Generator) -> None:
+def _write_split(path: str, num_rows: int, resolution: int, rng: np.random.Generator,
+                 colors: Optional[Sequence[str]] = None) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8", newline="\n") as f:
         for i in range(num_rows):
-            attrs = random_attributes(rng)
+            attrs = random_attributes(rng, colors)
             text = caption(attrs, "en" if rng.random() < 0.5 else "zh", rng)
             f.write(f"{i}\t{text}\t{encode_png_base64(draw_scene(attrs, resolution, rng))}\n")
     os.replace(tmp, path)
 
 
 def make_demo_dataset(out_dir, num_train: int = 4000, num_val: int = 256, resolution: int = 32,
-                      seed: int = 0) -> tuple[str, str, str]:
+                      seed: int = 0, colors: Optional[Sequence[str]] = None) -> tuple[str, str, str]:
     """Write `train.tsv`, `val.tsv` (idx, caption, base64 PNG) and `prompts.tsv` (idx, DEMO_PROMPTS) into out_dir,
-    deterministically from `seed`. Returns (train_tsv, val_tsv, prompts_tsv)."""
+    deterministically from `seed`; `colors` limits the scenes to those PALETTE colours (default: all).
+    Returns (train_tsv, val_tsv, prompts_tsv)."""
     if num_train < 1 or num_val < 0:
         raise ValueError(f"num_train must be >= 1 and num_val >= 0, got {num_train}, {num_val}")
+    unknown = sorted(set(colors or ()) - set(PALETTE))
+    if unknown or (colors is not None and not colors):
+        raise ValueError(f"colors must be a non-empty list of {sorted(PALETTE)}, got {colors!r}")
     os.makedirs(out_dir, exist_ok=True)
     paths = tuple(os.path.join(out_dir, name) for name in ("train.tsv", "val.tsv", "prompts.tsv"))
     for split, (path, num_rows) in enumerate(zip(paths[:2], (num_train, num_val))):
-        _write_split(path, num_rows, resolution, np.random.default_rng([seed, split]))
+        _write_split(path, num_rows, resolution, np.random.default_rng([seed, split]), colors)
     with open(paths[2], "w", encoding="utf-8", newline="\n") as f:
         f.writelines(f"{i}\t{prompt}\n" for i, prompt in enumerate(DEMO_PROMPTS))
     return paths
