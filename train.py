@@ -4,6 +4,7 @@
   python train.py vqgan       --data TRAIN.tsv [--val VAL.tsv] --config CFG.yaml --out DIR
   python train.py transformer --data TRAIN.tsv [--val VAL.tsv] --vqgan VQ_DIR --config CFG.yaml --out DIR
                               [--tokenizer SPM.model] [--init-from RUN_DIR]
+                              [--lora RANK [--lora-alpha A] [--lora-targets attn,mlp,...]]
   both: [--max-steps N] [--max-minutes M] [--batch-size B] [--seed S] [--resume] [--bad-rows error|skip]
         [--threads N] [--compile]
 
@@ -55,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--tokenizer", metavar="SPM.model",
                     help="SentencePiece model for the captions (default: train one on the training captions)")
     tr.add_argument("--init-from", metavar="RUN_DIR", help="initialise the generator's weights from another run")
+    tr.add_argument("--lora", dest="lora_rank", type=int, metavar="RANK",
+                    help="train a LoRA adapter of this rank on the frozen --init-from model (lora.rank); writes "
+                         "lora.safetensors + lora.json, for Pipeline.load_lora / generate.py --lora")
+    tr.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA alpha (lora.alpha; default: the rank)")
+    tr.add_argument("--lora-targets", metavar="NAMES",
+                    type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
+                    help="comma-separated layers to adapt (lora.targets; default attn,mlp): qkv, attn_out, attn, "
+                         "mlp_in, mlp_out, mlp, head, or Linear layer names")
     return parser
 
 
@@ -76,7 +85,10 @@ def main(argv: list[str] | None = None) -> int:
                             max_steps=args.max_steps, max_minutes=args.max_minutes, batch_size=args.batch_size,
                             seed=args.seed, resume=args.resume, bad_rows=args.bad_rows,
                             vqgan_dir=getattr(args, "vqgan_dir", None), tokenizer=getattr(args, "tokenizer", None),
-                            init_from=getattr(args, "init_from", None), compile=args.compile, argv=[prog, *argv])
+                            init_from=getattr(args, "init_from", None), lora_rank=getattr(args, "lora_rank", None),
+                            lora_alpha=getattr(args, "lora_alpha", None),
+                            lora_targets=getattr(args, "lora_targets", None), compile=args.compile,
+                            argv=[prog, *argv])
         if args.stage == "vqgan":
             from tokenpaint.training.vqgan_stage import train_vqgan
 

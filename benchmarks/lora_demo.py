@@ -1,7 +1,7 @@
 """LoRA on the demo data: teach a trained masked generator a colour it never saw, from ~200 captioned images.
 
-    python benchmarks/lora_demo.py [--out lora_demo] [--new-color orange] [--vqgan-steps 1000] [--base-steps 2400]
-                                   [--lora-steps 600] [--rank 8] [--scale 0.8] [--prompts 48] [-k 2] [--threads 1]
+    python benchmarks/lora_demo.py [--out lora_demo] [--new-color green] [--vqgan-steps 700] [--base-steps 1600]
+                                   [--lora-steps 600] [--rank 4] [--scales 0.8 1.0] [--prompts 48] [-k 2] [--threads 1]
 
 1. data: the built-in demo dataset with every colour (for the VQGAN and the caption tokenizer, which a real setup
    takes as general-purpose tokenizers), the same scenes without --new-color (the base generator's data) and
@@ -27,18 +27,21 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
+import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import machine_info  # noqa: E402
-from demo_quality import held_out_prompts  # noqa: E402
 
 from tokenpaint import Pipeline  # noqa: E402
 from tokenpaint.data import caption, iter_rows, make_demo_dataset, random_attributes  # noqa: E402
-from tokenpaint.data.demo import PALETTE  # noqa: E402
+from tokenpaint.data.demo import COLOR_ZH, PALETTE  # noqa: E402
+from tokenpaint.utils import read_yaml  # noqa: E402
 from tokenpaint.demo import judge, prepare_tokenizer, summarize_verdicts  # noqa: E402
+from tokenpaint.training.common import CheckpointManager  # noqa: E402
 
 FINISHED = "lora_demo_finished.json"
 
@@ -79,24 +82,62 @@ def train(stage: str, run_dir: str, steps: int, threads: int, flags: list[str]) 
     t0 = time.monotonic()
     subprocess.run(cmd, check=True)
     seconds = time.monotonic() - t0
-    done = {"steps_total": steps, "train_seconds": seconds}
+    latest = CheckpointManager(os.path.join(run_dir, "checkpoints")).latest()
+    if latest is None or int(os.path.basename(latest)[5:13]) != steps:  # stopped early (Ctrl-C, SIGTERM)
+        raise SystemExit(f"{run_dir} stopped before step {steps}; run this again to resume it")
+    done = {"steps_total": steps, "train_seconds": seconds, "resumed": bool(resume)}
     with open(record, "w", encoding="utf-8") as f:
         json.dump(done, f)
     return {"seconds": seconds, "steps": steps, **done}
 
 
-def concept_prompts(count: int, new_color: str, seen_tsv: str, seed: int) -> list[str]:
-    """`count` held-out captions of the new colour (alternating English / Chinese), none in the concept data."""
-    import numpy as np
-
-    seen = {row.text for row in iter_rows(seen_tsv)}
-    rng = np.random.default_rng([seed, 104729])
+def held_out_prompts(count: int, colors: list[str], seen_tsvs: list[str], seed: int) -> list[str]:
+    """`count` captions of random scenes in `colors` (alternating English / Chinese), none of them in seen_tsvs."""
+    seen = {row.text for tsv in seen_tsvs for row in iter_rows(tsv)}
+    rng = np.random.default_rng([seed, 104729])  # not the datasets' streams
     prompts: list[str] = []
-    while len(prompts) < count:
-        text = caption(random_attributes(rng, [new_color]), "en" if len(prompts) % 2 == 0 else "zh", rng)
+    for _ in range(1000 * count):
+        text = caption(random_attributes(rng, colors), "en" if len(prompts) % 2 == 0 else "zh", rng)
         if text not in seen and text not in prompts:
             prompts.append(text)
-    return prompts
+            if len(prompts) == count:
+                return prompts
+    raise ValueError(f"could not find {count} held-out prompts; ask for fewer (--prompts)")
+
+
+def lora_data(paths: dict, replay: int, out: str) -> str:
+    """The adapter's training TSV: the concept rows, then the first `replay` rows of the base's data (prior
+    preservation: without them the adapter is free to paint everything in the new colour)."""
+    path = os.path.join(out, "data", f"lora_train_replay{replay}.tsv")
+    if not os.path.isfile(path):
+        with open(paths["concept"], encoding="utf-8") as f:
+            rows = f.read().splitlines()
+        with open(paths["base"], encoding="utf-8") as f:
+            rows += [line for _, line in zip(range(replay), f)]
+        lines = [f"{i}\t{row.split(chr(9), 1)[1]}" for i, row in enumerate(r.rstrip("\n") for r in rows)]
+        with open(f"{path}.tmp", "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(f"{path}.tmp", path)
+    return path
+
+
+def lora_config(template: str, new_color: str, out: str) -> str:
+    """The LoRA config with lora.words = the new colour's English and Chinese words."""
+    cfg = read_yaml(template)
+    cfg["lora"]["words"] = [new_color, COLOR_ZH[new_color]]
+    path = os.path.join(out, "lora.yaml")
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg, f, allow_unicode=True, sort_keys=False)
+    return path
+
+
+def step_seconds(run_dir: str) -> float:
+    """Median seconds per training step of a run, from its metrics.jsonl (tokens per step / tokens per second)."""
+    cfg = read_yaml(os.path.join(run_dir, "train_config.yaml"))
+    tokens_per_step = cfg["train"]["batch_size"] * cfg["model"]["image_size"] ** 2
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        rates = [r["tokens_per_sec"] for r in map(json.loads, f) if "tokens_per_sec" in r and r["step"] > 1]
+    return float(np.median([tokens_per_step / r for r in rates]))
 
 
 def match(pipe: Pipeline, prompts: list[str], k: int, seed: int) -> float:
@@ -108,14 +149,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(ROOT, "lora_demo"))
-    p.add_argument("--new-color", default="orange", choices=sorted(PALETTE))
+    p.add_argument("--new-color", default="green", choices=sorted(PALETTE))
     p.add_argument("--concept-rows", type=int, default=200)
-    p.add_argument("--vqgan-steps", type=int, default=1000)
-    p.add_argument("--base-steps", type=int, default=2400)
+    p.add_argument("--replay", type=int, default=200,
+                   help="rows of the base's own data mixed into the adapter's (prior preservation); 0 = none")
+    p.add_argument("--vqgan-steps", type=int, default=700)
+    p.add_argument("--base-steps", type=int, default=1600)
     p.add_argument("--lora-steps", type=int, default=600)
     p.add_argument("--lora-config", default=os.path.join(ROOT, "configs", "demo", "mim_lora.yaml"))
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--scale", type=float, default=0.8)
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--scales", type=float, nargs="+", default=[0.8, 1.0],
+                   help="adapter scales to judge; the targets are checked at the first")
     p.add_argument("--prompts", type=int, default=48, help="held-out prompts per group (new colour, old colours)")
     p.add_argument("-k", "--images-per-prompt", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
@@ -139,9 +183,10 @@ def main(argv: list[str] | None = None) -> int:
            "--config", os.path.join(ROOT, "configs", "demo", "mim.yaml"), "--seed", str(args.seed)])
     if args.stop_after == "base":
         return 0
-    lora = train("transformer", lora_dir, args.lora_steps, args.threads,
-                 ["--data", data["concept"], "--val", data["concept_val"], "--init-from", base_dir,
-                  "--lora", str(args.rank), "--config", args.lora_config, "--seed", str(args.seed)])
+    train("transformer", lora_dir, args.lora_steps, args.threads,
+                 ["--data", lora_data(data, args.replay, args.out), "--val", data["concept_val"], "--init-from",
+                  base_dir, "--lora", str(args.rank), "--config", lora_config(args.lora_config, args.new_color, args.out),
+                  "--seed", str(args.seed)])
     if args.stop_after == "lora":
         return 0
 
@@ -150,19 +195,20 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import load_file
 
     adapter_params = sum(t.numel() for t in load_file(os.path.join(lora_dir, "lora.safetensors")).values())
-    new_prompts = concept_prompts(args.prompts, args.new_color, data["concept"], args.seed)
-    old_prompts = held_out_prompts(args.prompts, data["base"], args.seed)
-    old_prompts = [t for t in old_prompts]  # the base data has no new-colour scenes: none are drawn here either
+    new_prompts = held_out_prompts(args.prompts, [args.new_color], [data["concept"]], args.seed)
+    old_prompts = held_out_prompts(args.prompts, [c for c in PALETTE if c != args.new_color], [data["base"]], args.seed)
     k = args.images_per_prompt
     rows = {"base": (match(pipe, new_prompts, k, args.seed), match(pipe, old_prompts, k, args.seed))}
-    pipe.load_lora(lora_dir, scale=args.scale)
-    rows[f"base + LoRA x{args.scale:g}"] = (match(pipe, new_prompts, k, args.seed),
-                                             match(pipe, old_prompts, k, args.seed))
-    (new_base, old_base), (new_lora, old_lora) = rows.values()
-    per_step = lora["train_seconds"] / max(1, lora["steps_total"])
+    for scale in args.scales:
+        pipe.unload_lora()
+        pipe.load_lora(lora_dir, scale=scale)
+        rows[f"base + LoRA x{scale:g}"] = (match(pipe, new_prompts, k, args.seed),
+                                            match(pipe, old_prompts, k, args.seed))
+    (new_base, old_base), (new_lora, old_lora) = rows["base"], rows[f"base + LoRA x{args.scales[0]:g}"]
     print(f"\nnew colour: {args.new_color}; {len(new_prompts)} + {len(old_prompts)} held-out prompts x {k} images; "
-          f"LoRA rank {args.rank}, {args.lora_steps} steps on {args.concept_rows} images "
-          f"({per_step:.3f} s/step with --threads {args.threads}, process start and caches included)")
+          f"LoRA rank {args.rank}, {args.lora_steps} steps on {args.concept_rows} images + {args.replay} replayed; "
+          f"{step_seconds(lora_dir):.3f} s per training step (median; --threads {args.threads}, load average "
+          f"{os.getloadavg()[0]:.1f})")
     print(f"adapter: {adapter_params} parameters = {100 * adapter_params / base_params:.2f}% of the base's "
           f"{base_params}")
     print(f"| model | match, {args.new_color} (new) | match, old colours |\n|---|---|---|")

@@ -46,6 +46,9 @@ class TrainOptions:
     vqgan_dir: str | None = None  # transformer: --vqgan
     tokenizer: str | None = None  # transformer: --tokenizer
     init_from: str | None = None  # transformer: --init-from
+    lora_rank: int | None = None  # transformer: --lora RANK (None: the config's lora.rank)
+    lora_alpha: float | None = None  # transformer: --lora-alpha
+    lora_targets: list[str] | None = None  # transformer: --lora-targets attn,mlp
     compile: bool | None = None  # --compile: torch.compile the training forward (None: the config's train.compile)
     argv: list[str] = field(default_factory=list)  # the command line, to print the exact resume command
 

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from ..data import TextTokenizer, build_token_cache, iter_rows
 from ..data.cache import state_dict_hash, tokenizer_hash
 from ..transformer import check_mask_schedule, generator_class, load_generator, model_config_from_yaml
-from ..transformer.io import check_state_dict
+from ..transformer.io import check_state_dict, read_generator_config
 from ..transformer.presets import CONFIG_SCHEMA
 from ..vqgan import VQGAN
 from .common import (CheckpointManager, GracefulStop, MetricsLogger, TimeBudget, TrainOptions, capture_rng,
@@ -35,6 +35,7 @@ from .common import (CheckpointManager, GracefulStop, MetricsLogger, TimeBudget,
                      progress_bar, report_finish, resolve_bf16, restore_rng, save_yaml, set_seed, setup_distributed,
                      start_or_resume, sync_progress)
 from .model_card import write_model_card
+from .transformer_lora import apply_lora_options, attach_adapter, base_path, lora_enabled
 from .transformer_data import GlobalBatches, corrupt, rank_rows, summed_cross_entropy
 from .transformer_samples import sample_grid, validation_loss
 
@@ -56,6 +57,7 @@ def resolve_config(opts: TrainOptions) -> dict:
         check_mask_schedule(train["mask_schedule"])
     except ValueError as e:
         raise ValueError(f"{opts.config}: train.mask_schedule: {e}") from None
+    apply_lora_options(cfg, opts, opts.config)
     return cfg
 
 
@@ -152,21 +154,33 @@ def _token_caches(opts, vqgan, tokenizer, resolution, text_len, batch_size, imag
     return caches
 
 
-def _write_card(opts, kind, step, max_steps, stop_reason, images_seen, caches) -> None:
+def _write_card(opts, kind, step, max_steps, stop_reason, images_seen, caches, lora_base=None) -> None:
     what = {"gpt": "a causal GPT over [text ids ; image ids], sampled one id at a time (KV cache, top-k / top-p)",
             "mim": "a bidirectional masked transformer (MaskGIT style), sampled by iterative masked decoding"}[kind]
+    if lora_base is not None:  # an adapter run: the card says how to apply it to its base
+        title = f"tokenpaint LoRA adapter ({kind})"
+        description = (f"A LoRA adapter (`lora.safetensors` + `lora.json`) for the tokenpaint text-to-image model "
+                       f"in `{lora_base['path']}` ({what}); it only loads onto those base weights (sha256 "
+                       f"{lora_base['sha256']}). Command line: `python generate.py --model path/to/base --lora "
+                       f"path/to/this/folder:0.8 --prompt \"a red circle\"`.")
+        usage = ('from tokenpaint import Pipeline\n\n'
+                 'pipe = Pipeline.from_pretrained("path/to/base")\n'
+                 'pipe.load_lora("path/to/this/folder", scale=0.8)\n'
+                 'images = pipe(["a red circle on the left"], num_images=1, seed=0)  # a list of PIL images')
+    else:
+        title = f"tokenpaint text-to-image generator ({kind})"
+        description = (f"A tokenpaint text-to-image model: {what}, conditioned on SentencePiece "
+                       "text ids (`tokenizer.model`) and drawing the image ids of the VQGAN in `vqgan/`, which turns "
+                       "them into pixels. Command line: `python generate.py --model path/to/this/folder --prompt "
+                       "\"a red circle\"`.")
+        usage = ('from tokenpaint import Pipeline\n\n'
+                 'pipe = Pipeline.from_pretrained("path/to/this/folder")\n'
+                 'images = pipe(["a red circle on the left"], num_images=1, seed=0)  # a list of PIL images')
     write_model_card(
-        opts.out, title=f"tokenpaint text-to-image generator ({kind})",
-        description=f"A tokenpaint text-to-image model: {what}, conditioned on SentencePiece "
-                    "text ids (`tokenizer.model`) and drawing the image ids of the VQGAN in `vqgan/`, which turns "
-                    "them into pixels. Command line: `python generate.py --model path/to/this/folder --prompt "
-                    "\"a red circle\"`.",
-        usage='from tokenpaint import Pipeline\n\n'
-              'pipe = Pipeline.from_pretrained("path/to/this/folder")\n'
-              'images = pipe(["a red circle on the left"], num_images=1, seed=0)  # a list of PIL images',
+        opts.out, title=title, description=description, usage=usage,
         steps=step, max_steps=max_steps, stop_reason=stop_reason, images_seen=images_seen, data=opts.data,
         data_rows=len(caches["train"]), val=opts.val, val_rows=len(caches["val"]) if "val" in caches else None,
-        tags=(kind,))
+        tags=(kind, "lora") if lora_base is not None else (kind,))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -176,9 +190,10 @@ def _train(opts: TrainOptions, info) -> dict:
     device, rank, world = info.device, info.rank, info.world_size
     ckpts = CheckpointManager(os.path.join(opts.out, "checkpoints"))
     cfg, resume_state = start_or_resume(opts, ckpts, lambda: resolve_config(opts))
+    lora = lora_enabled(cfg)
     if resume_state is not None:
         latest = ckpts.latest()
-        vqgan = VQGAN.from_pretrained(os.path.join(opts.out, "vqgan"))
+        vqgan = VQGAN.from_pretrained(os.path.join(base_path(opts, resume_state) if lora else opts.out, "vqgan"))
         tokenizer = TextTokenizer(os.path.join(opts.out, "tokenizer.model"))
         model_config = generator_class(cfg["model"]["kind"], latest).config_class.from_dict(cfg["model"], source=latest)
     else:
@@ -189,12 +204,14 @@ def _train(opts: TrainOptions, info) -> dict:
             raise ValueError(f"{opts.config}: data.resolution {resolution} is not a multiple of the VQGAN's "
                              f"downsample factor {vqgan.downsample_factor}")
         cfg["data"]["resolution"] = resolution
-        model_config = model_config_from_yaml(
-            {**cfg, "source": opts.config}, text_vocab_size=tokenizer.vocab_size,
+        model_section = cfg["model"] or (read_generator_config(opts.init_from) if opts.init_from else {})
+        model_config = model_config_from_yaml(  # with --init-from, no model section = the base's model
+            {**cfg, "model": model_section, "source": opts.config}, text_vocab_size=tokenizer.vocab_size,
             codebook_size=vqgan.codebook_size, image_size=resolution // vqgan.downsample_factor)
         cfg["model"] = {"kind": model_config.kind, **model_config.to_dict()}  # resolved: what resume rebuilds
         if is_main():
-            vqgan.save_pretrained(os.path.join(opts.out, "vqgan"))
+            if not lora:  # a LoRA run uses its base's VQGAN
+                vqgan.save_pretrained(os.path.join(opts.out, "vqgan"))
             save_yaml(os.path.join(opts.out, "train_config.yaml"), cfg)
     tcfg, scfg = cfg["train"], cfg["sample"]
     bf16 = resolve_bf16(tcfg["bf16"], device, where=f"{latest if opts.resume else opts.config}: train.bf16")
@@ -209,22 +226,30 @@ def _train(opts: TrainOptions, info) -> dict:
 
     set_seed(seed)
     model = generator_class(kind)(model_config).to(device)
-    if opts.init_from is not None and resume_state is None:
-        _init_weights_from(model, opts.init_from)
-    optimizer = model.configure_optimizers(tcfg["weight_decay"], tcfg["lr"], tuple(tcfg["betas"]), device.type)
+    if lora:  # the frozen base and a trainable adapter; `trained` is what the optimizer, DDP and clipping see
+        lora_base = {"path": base_path(opts, resume_state)}
+        lora_base["sha256"] = resume_state["lora_base"]["sha256"] if resume_state is not None else None
+        _init_weights_from(model, lora_base["path"])
+        adapter, trained = attach_adapter(model, cfg, tokenizer, lora_base, resume_state)
+    else:
+        if opts.init_from is not None and resume_state is None:
+            _init_weights_from(model, opts.init_from)
+        trained = model
+    optimizer = trained.configure_optimizers(tcfg["weight_decay"], tcfg["lr"], tuple(tcfg["betas"]), device.type)
     corruption = torch.Generator().manual_seed(seed + 1)  # condition dropout and masks, shared by all ranks
     step = 0
     if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
+        if not lora:
+            model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
         batches.load_state_dict(resume_state["data"])
         corruption.set_state(resume_state["corruption_rng"])
         restore_rng(resume_state["rng"])
         step = resume_state["step"]
-    ddp_model = model
+    ddp_model = trained
     if is_distributed():
         ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            trained, device_ids=[device.index] if device.type == "cuda" else None)
 
     forward = maybe_compile(ddp_model, tcfg["compile"] if opts.compile is None else opts.compile)
     label_smoothing = getattr(model_config, "label_smoothing", 0.0) if kind == "mim" else 0.0
@@ -243,7 +268,8 @@ def _train(opts: TrainOptions, info) -> dict:
     sample_rows = caches.get("val", caches["train"])
 
     def save_checkpoint() -> str:
-        state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        weights = {"lora": adapter.state_dict(), "lora_base": lora_base} if lora else {"model": model.state_dict()}
+        state = {"step": step, **weights, "optimizer": optimizer.state_dict(),
                  "data": batches.state_dict(), "corruption_rng": corruption.get_state(), "rng": capture_rng(),
                  "config": cfg, "world_size": world, "train_seconds": budget.spent_seconds()}
         return ckpts.save(state, step) if is_main() else ckpts.path_for(step)
@@ -267,7 +293,7 @@ def _train(opts: TrainOptions, info) -> dict:
             step_loss = 0.0
             for i, batch in enumerate(micro):
                 text, image, targets = (t.to(device) for t in rank_rows(batch, rank, world))
-                sync = ddp_model.no_sync if (i < accum - 1 and ddp_model is not model) else contextlib.nullcontext
+                sync = ddp_model.no_sync if (i < accum - 1 and is_distributed()) else contextlib.nullcontext
                 with sync():
                     with autocast():
                         logits, _ = forward(text, image)  # [B,N,codebook_size]
@@ -281,7 +307,8 @@ def _train(opts: TrainOptions, info) -> dict:
                 step_loss += float(global_sum) / counted
             grad_norm = None
             if tcfg["grad_clip"]:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg["grad_clip"]))
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                    [p for p in trained.parameters() if p.requires_grad], tcfg["grad_clip"]))
             optimizer.step()
             step += 1
             bar.update(1)
@@ -315,10 +342,11 @@ def _train(opts: TrainOptions, info) -> dict:
         bar.close()
         last_ckpt = save_checkpoint()
         if is_main():
-            model.save_pretrained(opts.out)
+            adapter.save(opts.out) if lora else model.save_pretrained(opts.out)
     metrics.close()
     if is_main():
-        _write_card(opts, kind, step, max_steps, stop_reason, step * global_batch * accum, caches)
+        _write_card(opts, kind, step, max_steps, stop_reason, step * global_batch * accum, caches,
+                    lora_base if lora else None)
 
     bad = caches["train"].meta.get("bad_rows_skipped", 0)
     report_finish(opts, step, max_steps, stop_reason, last_ckpt, bad)

@@ -1,7 +1,8 @@
 """Size presets and the transformer YAML config (`configs/gpt_base.yaml` etc.).
 
 YAML schema (CONFIG_SCHEMA): sections `model` (GPTConfig / MaskedTransformerConfig fields plus `kind: gpt|mim` and
-optionally `preset: NAME` from PRESETS), `tokenizer` (`vocab_size`), `train`, `sample` and `data` (defaults below).
+optionally `preset: NAME` from PRESETS), `tokenizer` (`vocab_size`), `train`, `sample`, `data` and `lora` (defaults
+below).
 `codebook_size` and `image_size` come from the VQGAN and `text_vocab_size` from the tokenizer: the training loop
 passes them to `model_config_from_yaml`.
 """
@@ -36,10 +37,14 @@ SAMPLE_DEFAULTS: dict[str, Any] = dict(steps=12, guidance_scale=3.0, top_k=100, 
                                        choice_temperature=4.5, schedule="cosine", guidance_schedule="constant")
 TOKENIZER_DEFAULTS: dict[str, Any] = dict(vocab_size=8000)
 DATA_DEFAULTS: dict[str, Any] = dict(resolution=None, shuffle=True)  # resolution None: the VQGAN's
+# LoRA fine-tuning (train.py transformer --init-from BASE --lora RANK): rank null = train the whole model. alpha null
+# = rank; targets: names of tokenpaint.transformer.lora.TARGET_GROUPS or Linear layer names; words: text-embedding
+# rows trained too (the pieces of these words, for words the base never learned).
+LORA_DEFAULTS: dict[str, Any] = dict(rank=None, alpha=None, targets=["attn", "mlp"], words=[])
 MODEL_KEYS = {"kind", "preset"} | {f.name for cls in CONFIG_CLASSES.values() for f in fields(cls)}
 # The one schema of a transformer YAML, for load_transformer_yaml and the training stage alike.
 CONFIG_SCHEMA: dict[str, Any] = {"model": MODEL_KEYS, "tokenizer": TOKENIZER_DEFAULTS, "train": TRAIN_DEFAULTS,
-                                 "sample": SAMPLE_DEFAULTS, "data": DATA_DEFAULTS}
+                                 "sample": SAMPLE_DEFAULTS, "data": DATA_DEFAULTS, "lora": LORA_DEFAULTS}
 
 
 def load_transformer_yaml(path: Union[str, os.PathLike]) -> dict[str, Any]:
