@@ -51,6 +51,13 @@ def test_cli_lora_run_trains_only_the_adapter_and_writes_a_small_file(env, base,
     assert len(losses) == 30 and losses[-1] < losses[0]
     assert load_file(base / "model.safetensors").keys() == base_model.state_dict().keys()
 
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "LoRA adapter (mim)" in card and meta["base_sha256"] in card and "- lora\n" in card
+    usage = card.split("```python\n")[1].split("```")[0]
+    scope = {}
+    exec(usage.replace("path/to/this/folder", str(out)).replace("path/to/base", str(base)), scope)  # it loads
+    assert scope["pipe"].loras == {"lora": 0.8}
+
     pipe = Pipeline.from_pretrained(base)
     text, image = pipe.encode_text(["a small red circle"]), torch.full((1, 16), 32)  # all [MASK]
     with torch.no_grad():
