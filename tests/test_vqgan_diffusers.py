@@ -77,6 +77,33 @@ def test_a_diffusers_directory_loads_with_diffusers_ids_and_images(tmp_path, con
     assert_same(ours(vq, x), diffusers_ids_and_images(ref, x))
 
 
+def test_a_pickle_free_bin_file_loads_too(tmp_path):
+    ref = random_diffusers_vq()
+    ref.save_pretrained(tmp_path, safe_serialization=False)  # diffusion_pytorch_model.bin, read with weights_only
+    assert not (tmp_path / "diffusion_pytorch_model.safetensors").exists()
+    x = random_images(1, 32)
+    assert_same(ours(VQGAN.from_pretrained(tmp_path), x), diffusers_ids_and_images(ref, x))
+
+
+def test_pre_0_14_attention_names_load(tmp_path):
+    """Older diffusers files name the attention layers query / key / value / proj_attn (diffusers still reads them)."""
+    from safetensors.torch import load_file, save_file
+
+    ref = random_diffusers_vq()
+    ref.save_pretrained(tmp_path)
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn", "group_norm": "group_norm"}
+    renamed = {}
+    for key, value in load_file(weights).items():
+        for new, legacy in old.items():
+            key = key.replace(f".{new}.", f".{legacy}.")
+        renamed[key] = value
+    assert any(".proj_attn." in k for k in renamed)
+    save_file(renamed, weights)
+    x = random_images(1, 32)
+    assert_same(ours(VQGAN.from_pretrained(tmp_path), x), diffusers_ids_and_images(ref, x))
+
+
 def test_a_diffusers_pipeline_folder_loads_its_vqvae(tmp_path):
     ref = random_diffusers_vq(**AMUSED_LIKE)
     ref.save_pretrained(tmp_path / "amused" / "vqvae")  # the layout of a Hub pipeline such as amused/amused-256
@@ -131,6 +158,7 @@ def test_what_diffusers_cannot_represent_is_refused_before_writing(tmp_path):
         (dict(_class_name="AutoencoderKL"), "_class_name"),
         (dict(block_out_channels=[32, 48]), "block_out_channels"),
         (dict(new_option=1), "new_option"),
+        (dict(sample_size="big"), "sample_size"),
     ],
 )
 def test_configs_tokenpaint_cannot_represent_are_refused_naming_the_field(tmp_path, change, field):

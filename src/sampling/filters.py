@@ -49,10 +49,12 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Opti
             raise ValueError(f"top_p must be in [0, 1] (0 keeps only the most likely id), got {top_p}")
         if top_p < 1.0:
             sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True, stable=True)
+            if sorted_logits.device.type == "mps":  # no float64 there: the [B, V] sums are small, do them on the CPU
+                sorted_logits = sorted_logits.cpu()
             sorted_probs = sorted_logits.double().softmax(dim=-1)
             mass_before = sorted_probs.cumsum(dim=-1).roll(1, dims=-1)  # mass of the ids before each one
             mass_before[..., 0] = 0.0
-            remove_sorted = mass_before >= top_p - TOP_P_TOLERANCE
+            remove_sorted = (mass_before >= top_p - TOP_P_TOLERANCE).to(logits.device)
             remove_sorted[..., 0] = False  # the most likely id always stays (top_p = 0 keeps only it)
             remove = torch.zeros_like(remove_sorted).scatter_(-1, sorted_idx, remove_sorted)
             logits = logits.masked_fill(remove, float("-inf"))

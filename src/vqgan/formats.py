@@ -110,11 +110,16 @@ def config_from_diffusers(d: Mapping[str, Any], source: str) -> VQGANConfig:
     dec_attn = [UP_TYPES[t] for t in reversed(c["up_block_types"])]  # up_blocks run lowest resolution first
     if enc_attn != dec_attn:
         refuse("up_block_types", f"attention at other levels than down_block_types {c['down_block_types']}")
-    ch = widths[0]
-    if any(w % ch for w in widths):
-        refuse("block_out_channels", f"every width must be a multiple of the first ({ch})")
+    ch = widths[0] if widths else 0
+    if ch <= 0 or any(w % ch for w in widths):
+        refuse("block_out_channels", "every width must be a positive multiple of the first")
     f = 2 ** (n - 1)
-    resolution = f * max(1, -(-int(c["sample_size"]) // f))  # sample_size, rounded up to a multiple of f
+    sample_size = c["sample_size"]
+    if isinstance(sample_size, (list, tuple)) and sample_size:
+        sample_size = max(sample_size)
+    if not isinstance(sample_size, int) or sample_size <= 0:
+        refuse("sample_size", "expected a positive integer")
+    resolution = f * max(1, -(-sample_size // f))  # sample_size, rounded up to a multiple of f
     code_dim = c["vq_embed_dim"] if c["vq_embed_dim"] is not None else c["latent_channels"]
     try:
         return VQGANConfig(
