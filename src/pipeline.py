@@ -222,17 +222,40 @@ class Pipeline:
                      use_kv_cache: bool = True, progress: bool = False) -> torch.Tensor:
         """Like __call__ but returns the image ids long [len(prompts) * num_images, h, w]."""
         prompts = _as_prompt_list(prompts)
-        validate_options(num_images=num_images, batch_size=batch_size, steps=steps, guidance_scale=guidance_scale,
-                         top_k=top_k, top_p=top_p, temperature=temperature)
+        validate_options(num_images=num_images)
+        if not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        negatives = negative_prompt
+        if negative_prompt is not None and not isinstance(negative_prompt, str):  # one per prompt -> one per row
+            negatives = _as_prompt_list(negative_prompt, "negative_prompt")
+            if len(negatives) not in (1, len(prompts)):
+                raise ValueError(f"negative_prompt: got {len(negatives)} negative prompts for {len(prompts)} prompts")
+            negatives = [n for n in negatives * (len(prompts) // len(negatives)) for _ in range(num_images)]
+        rows = [p for p in prompts for _ in range(num_images)]
+        return self.sample_rows(rows, [seed + i for i in range(len(rows))], negatives, batch_size=batch_size,
+                                steps=steps, guidance_scale=guidance_scale, top_k=top_k, top_p=top_p,
+                                temperature=temperature, use_kv_cache=use_kv_cache, progress=progress)
+
+    def sample_rows(self, prompts: Sequence[str], seeds: Sequence[int], negative_prompts=None, batch_size: int = 8,
+                    steps=None, guidance_scale=None, top_k=None, top_p=None, temperature=None,
+                    use_kv_cache: bool = True, progress: bool = False) -> torch.Tensor:
+        """One image per row: row r is prompts[r] sampled with its own generator seeded seeds[r] (negative prompt:
+        None = the empty prompt, one string for all rows, or one per row). Rows never depend on each other, so
+        rows of different requests can share a batch (tokenpaint.serve does). Returns ids long [R, h, w]."""
+        prompts = _as_prompt_list(prompts)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"seeds: got {len(seeds)} seeds for {len(prompts)} prompts")
+        validate_options(batch_size=batch_size, steps=steps, guidance_scale=guidance_scale, top_k=top_k, top_p=top_p,
+                         temperature=temperature)
         options = self._options(steps, guidance_scale, top_k, top_p, temperature, use_kv_cache)
-        text = self.encode_text(prompts).repeat_interleave(num_images, dim=0)  # [M, T], prompt-major
-        negative = self._negative_ids(negative_prompt, len(prompts)).repeat_interleave(num_images, dim=0)
+        text = self.encode_text(prompts)  # [R, T]
+        negative = self._negative_ids(negative_prompts, len(prompts))
         total = text.shape[0]
         out = []
         bar = tqdm(total=total, desc="images", disable=not progress)
         for start in range(0, total, batch_size):
             rows = slice(start, min(start + batch_size, total))
-            gens = self._generators(seed, range(rows.start, rows.stop))
+            gens = self._seeded_generators(seeds[rows])
             out.append(self._sample(text[rows], negative[rows], gens, options))
             bar.update(rows.stop - rows.start)
         bar.close()
@@ -351,7 +374,13 @@ class Pipeline:
     def _generators(self, seed: int, indices) -> list[torch.Generator]:
         if not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
-        return [torch.Generator(device=self.device).manual_seed(seed + i) for i in indices]
+        return self._seeded_generators([seed + i for i in indices])
+
+    def _seeded_generators(self, seeds) -> list[torch.Generator]:
+        bad = [s for s in seeds if not isinstance(s, int)]
+        if bad:
+            raise ValueError(f"seed must be an integer, got {bad[0]!r}")
+        return [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
 
     @torch.inference_mode()
     def _encode_image(self, image: Image.Image) -> torch.Tensor:

@@ -1,0 +1,157 @@
+"""The request queue in front of the model, and the LRU result cache.
+
+One worker thread runs the model. It takes the oldest waiting job, waits up to `max_wait_ms` (from that job's
+arrival) for more jobs with the same batch key until `max_batch` images are collected, and runs them as one batch.
+Jobs with other keys keep their place. An exception fails only the jobs of its batch. Requests are answered through
+asyncio futures on the event loop that submitted them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from collections import OrderedDict, deque
+from typing import Callable, Optional
+
+from .errors import RequestError
+
+
+class Batcher:
+    def __init__(self, run: Callable[[list], list], max_batch: int, max_wait_ms: float, queue_size: int,
+                 metrics=None, threads: Optional[int] = None):
+        self.run, self.max_batch, self.max_wait = run, max_batch, max_wait_ms / 1000.0
+        self.queue_size, self.metrics, self.threads = queue_size, metrics, threads
+        self.pending: deque = deque()
+        self.cond = threading.Condition()
+        self.closing = False
+        self.running_images = 0
+        self.batch_seconds = 1.0  # running mean of a batch's duration, for Retry-After
+        self.thread = threading.Thread(target=self._loop, name="tokenpaint-model", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def depth(self) -> int:
+        return len(self.pending)
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Refuse new jobs, finish the waiting ones, stop the worker."""
+        with self.cond:
+            self.closing = True
+            self.cond.notify_all()
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    def retry_after(self) -> int:
+        return max(1, math.ceil(self.batch_seconds * (1 + len(self.pending) / self.max_batch)))
+
+    async def submit(self, job) -> list:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self.cond:
+            if self.closing:
+                raise RequestError(503, "the server is shutting down", headers={"Retry-After": "5"})
+            if len(self.pending) >= self.queue_size:
+                raise RequestError(503, f"the queue is full ({self.queue_size} requests waiting); retry later",
+                                   headers={"Retry-After": str(self.retry_after())})
+            job.future, job.loop, job.enqueued = future, loop, time.monotonic()
+            self.pending.append(job)
+            self.cond.notify_all()
+        return await future
+
+    # ------------------------------------------------------------------ worker thread
+    def _group(self, key) -> tuple[list, int, bool]:
+        """The waiting jobs with this key, oldest first, that fit in max_batch (the first one always does)."""
+        group, images = [], 0
+        for job in self.pending:
+            if job.batch_key != key:
+                continue
+            if group and images + job.size > self.max_batch:
+                return group, images, True
+            group.append(job)
+            images += job.size
+        return group, images, images >= self.max_batch
+
+    def _take(self) -> Optional[list]:
+        with self.cond:
+            while True:
+                while self.pending and self.pending[0].future.cancelled():  # the client went away
+                    self.pending.popleft()
+                if not self.pending:
+                    if self.closing:
+                        return None
+                    self.cond.wait()
+                    continue
+                first = self.pending[0]
+                key, deadline = first.batch_key, first.enqueued + self.max_wait
+                while True:
+                    group, _, full = self._group(key)
+                    remaining = deadline - time.monotonic()
+                    if full or remaining <= 0 or self.closing or first.edit is not None:
+                        break
+                    self.cond.wait(remaining)
+                for job in group:
+                    self.pending.remove(job)
+                return [job for job in group if not job.future.cancelled()] or self._take()
+
+    def _loop(self) -> None:
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)  # OpenMP thread counts are per thread: set it in the worker
+        while True:
+            group = self._take()
+            if group is None:
+                return
+            images = sum(job.size for job in group)
+            self.running_images = images
+            start = time.perf_counter()
+            try:
+                results, error = self.run(group), None
+            except Exception as e:  # fails this batch's requests only
+                results, error = None, e
+            self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * (time.perf_counter() - start)
+            self.running_images = 0
+            if self.metrics is not None:
+                self.metrics.batch(images, failed=error is not None)
+            for i, job in enumerate(group):
+                try:
+                    job.loop.call_soon_threadsafe(_settle, job.future, None if error else results[i], error)
+                except RuntimeError:  # the event loop is gone
+                    pass
+
+
+def _settle(future, result, error) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class ResultCache:
+    """An LRU map from a request's cache key to its answer (thread-safe; capacity 0 keeps nothing)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.items: OrderedDict = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            if key not in self.items:
+                return None
+            self.items.move_to_end(key)
+            return self.items[key]
+
+    def put(self, key, value) -> None:
+        if self.capacity <= 0:
+            return
+        with self.lock:
+            self.items[key] = value
+            self.items.move_to_end(key)
+            while len(self.items) > self.capacity:
+                self.items.popitem(last=False)

@@ -1,0 +1,140 @@
+"""A request as the model worker sees it: rows of (prompt, negative prompt, seed) and the sampler options.
+
+Image i of a request uses seed + i, as everywhere in tokenpaint, so a row's image does not depend on the other rows
+of its batch: text-to-image jobs with the same options are sampled together (`run_jobs`). An edit job (an input
+image) runs alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from typing import Optional
+
+from PIL import Image
+
+from ..pipeline import EDIT_MODES, validate_options
+from .errors import RequestError
+from .images import encode_png
+
+OPTION_NAMES = ("steps", "guidance_scale", "top_k", "top_p", "temperature")
+
+
+@dataclass
+class Edit:
+    image: Image.Image
+    mask: Optional[Image.Image]
+    mode: str
+    strength: float
+    keep_rows: Optional[int]
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for im in (self.image, self.mask):
+            if im is not None:
+                h.update(f"{im.mode}{im.size}".encode())
+                h.update(im.tobytes())
+        return h.hexdigest()
+
+
+@dataclass
+class Job:
+    prompts: list[str]  # one per image (row)
+    seeds: list[int]
+    negatives: list[str]  # "" = no negative prompt
+    options: dict  # resolved sampler options: the batching key
+    edit: Optional[Edit] = None
+    # filled in by the queue
+    future: object = field(default=None, repr=False)
+    loop: object = field(default=None, repr=False)
+    enqueued: float = 0.0
+
+    @property
+    def size(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def batch_key(self):
+        """Jobs with equal keys can share a batch; an edit job has its own key (it never shares)."""
+        return ("edit", id(self)) if self.edit is not None else tuple(sorted(self.options.items()))
+
+    def cache_key(self) -> str:
+        edit = None if self.edit is None else [self.edit.digest(), self.edit.mode, self.edit.strength,
+                                               self.edit.keep_rows]
+        return json.dumps([self.prompts, self.seeds, self.negatives, sorted(self.options.items()), edit])
+
+
+def random_seed() -> int:
+    return random.randrange(2**31 - 1)
+
+
+def resolve_options(pipe, given: dict, names: Optional[dict] = None) -> dict:
+    """Check the sampler options a request gave (None = the model's default) and fill in the defaults.
+    `names` maps tokenpaint's option names to the request's own (cfg_scale for guidance_scale) for the 422."""
+    names = names or {}
+    for name, value in given.items():
+        try:
+            validate_options(**{name: value})
+        except ValueError as e:
+            raise RequestError(422, str(e).replace(name, names.get(name, name), 1), names.get(name, name)) from None
+    return {k: given.get(k) if given.get(k) is not None else pipe.defaults.get(k) for k in OPTION_NAMES}
+
+
+def make_job(pipe, settings, prompts: list[str], num_images: int, seed: Optional[int], negative: str,
+             options: dict, edit: Optional[Edit] = None, count_field: str = "num_images") -> Job:
+    """prompts x num_images rows (prompt-major), seeds seed + i; seed None or -1 draws one."""
+    total = len(prompts) * num_images
+    if num_images < 1:
+        raise RequestError(422, f"{count_field} must be >= 1, got {num_images}", count_field)
+    if total > settings.max_images_per_request:
+        raise RequestError(400, f"{total} images requested, over this server's limit of "
+                                f"{settings.max_images_per_request} per request", count_field)
+    if seed is None or seed == -1:
+        seed = random_seed()
+    if seed < 0:
+        raise RequestError(422, f"seed must be >= 0 (or -1 for a random seed), got {seed}", "seed")
+    rows = [p for p in prompts for _ in range(num_images)]
+    return Job(rows, [seed + i for i in range(total)], [negative or ""] * total, options, edit)
+
+
+def check_edit(pipe, edit: Edit, fields: dict) -> None:
+    """What Pipeline.edit_ids would refuse, refused before queueing (422 naming the request's field)."""
+    if edit.mode not in EDIT_MODES:
+        raise RequestError(422, f"mode must be one of {list(EDIT_MODES)}, got {edit.mode!r}", fields["mode"])
+    if edit.mode == "inpaint" and edit.mask is None:
+        raise RequestError(422, "mode 'inpaint' needs a mask", fields["mask"])
+    if edit.mode in ("img2img", "outpaint") and edit.mask is not None:
+        raise RequestError(422, f"a mask is not used in mode {edit.mode!r}", fields["mask"])
+    if edit.mode == "img2img" and pipe.kind != "mim":
+        raise RequestError(422, "mode 'img2img' needs a masked (mim) model; use inpaint or continue", fields["mode"])
+    if edit.mask is not None and edit.mask.size != edit.image.size:
+        raise RequestError(422, f"mask is {edit.mask.size[0]}x{edit.mask.size[1]} but the image is "
+                                f"{edit.image.size[0]}x{edit.image.size[1]}", fields["mask"])
+    if not 0 < edit.strength <= 1:
+        raise RequestError(422, f"must be in (0, 1], got {edit.strength}", fields["strength"])
+    side = pipe.tokens_per_side
+    if edit.keep_rows is not None and not 0 <= edit.keep_rows <= side:
+        raise RequestError(422, f"keep_rows must be in [0, {side}], got {edit.keep_rows}", fields["keep_rows"])
+
+
+def run_jobs(pipe, jobs: list[Job], batch_size: int) -> list[list[str]]:
+    """Sample every job's rows (one call: rows of different jobs share batches) -> base64 PNGs per job."""
+    if jobs[0].edit is not None:
+        (job,) = jobs
+        e = job.edit
+        ids = pipe.edit_ids(job.prompts[0], e.image, mask=e.mask, mode=e.mode, strength=e.strength,
+                            seed=job.seeds[0], num_images=job.size, batch_size=batch_size, keep_rows=e.keep_rows,
+                            negative_prompt=job.negatives[0] or None, **job.options)
+        return [[encode_png(im) for im in pipe.decode(ids)]]
+    prompts = [p for job in jobs for p in job.prompts]
+    seeds = [s for job in jobs for s in job.seeds]
+    negatives = [n for job in jobs for n in job.negatives]
+    ids = pipe.sample_rows(prompts, seeds, negatives, batch_size=batch_size, **jobs[0].options)
+    images = [encode_png(im) for im in pipe.decode(ids)]
+    out, start = [], 0
+    for job in jobs:
+        out.append(images[start : start + job.size])
+        start += job.size
+    return out
