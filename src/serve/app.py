@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 import time
 from contextlib import asynccontextmanager
@@ -23,6 +24,7 @@ from .metrics import Metrics
 from .schemas import ImagesRequest
 from .settings import ServeSettings
 
+log = logging.getLogger("tokenpaint.serve")
 API_PREFIXES = ("/sdapi/", "/v1/", "/healthz", "/metrics")
 
 
@@ -65,7 +67,13 @@ class ServerState:
         self.metrics.cache(hit is not None)
         if hit is not None:
             return hit, True
-        images = await self.batcher.submit(job)
+        try:
+            images = await self.batcher.submit(job)
+        except RequestError:
+            raise
+        except Exception as e:  # the batch failed: its requests get a 500, the server goes on
+            log.error("a batch of %d image(s) failed", job.size, exc_info=e)
+            raise RequestError(500, f"{type(e).__name__}: {e}") from None
         self.cache.put(key, images)
         return images, False
 
@@ -134,6 +142,8 @@ class MetricsMiddleware:
 
 
 def _field_of(error: dict) -> str:
+    if error.get("type") == "json_invalid":  # its loc is a character position
+        return "body"
     loc = [str(part) for part in error.get("loc", ()) if part != "body"]
     return ".".join(loc) or "body"
 

@@ -33,6 +33,8 @@ def decode_image(data, field: str, max_bytes: int, max_pixels: int) -> Image.Ima
             raise RequestError(422, "is not valid base64", field) from None
     try:
         image = Image.open(io.BytesIO(raw), formats=FORMATS)  # reads the header only
+    except Image.DecompressionBombError as e:  # PIL's own header check (far over max_pixels)
+        raise RequestError(400, f"image is over the {max_pixels} pixel limit ({e})", field) from None
     except Exception:
         raise RequestError(422, f"is not an image in a supported format ({', '.join(FORMATS)})", field) from None
     width, height = image.size
