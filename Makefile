@@ -4,14 +4,15 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: test test-all check-install demo clean-demo venv
+.PHONY: test test-all check-install demo serve clean-demo venv
 
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: setup.cfg pyproject.toml scripts/install_torch.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	bash scripts/install_torch.sh $(BIN)/pip
-	$(BIN)/pip install -q -e '.[test]'
+	# the serve and ui extras too: the test suite runs the server and its web page
+	$(BIN)/pip install -q -e '.[serve,ui,test]'
 	# taming-transformers is the parity reference; its declared deps (lightning, torchvision) are not needed.
 	$(BIN)/pip install -q --no-deps taming-transformers==0.0.1
 	touch $@
@@ -33,6 +34,13 @@ check-install: venv
 
 demo: venv
 	$(BIN)/python -m tokenpaint.demo --out demo
+
+# Serve the model `make demo` trained (the masked transformer; MODEL=demo/gpt for the GPT) on 127.0.0.1:7860.
+MODEL ?= demo/mim
+SERVE_ARGS ?=
+serve: venv
+	@test -f $(MODEL)/config.json || { echo "no model in $(MODEL): run 'make demo' first (or make serve MODEL=RUN_DIR)"; exit 1; }
+	$(BIN)/python -m tokenpaint.serve --model $(MODEL) $(SERVE_ARGS)
 
 clean-demo:
 	rm -rf demo

@@ -85,11 +85,14 @@ def build_blocks(state):
         return await run(job)
 
     def sampler_controls():
-        guidance = gr.Slider(1.0, 10.0, value=float(d["guidance_scale"]), step=0.1, label="Guidance scale")
-        steps = gr.Slider(1, 64, value=int(d.get("steps") or 12), step=1, label="Steps", visible=mim)
-        top_k = gr.Slider(1, int(pipe.model.config.codebook_size), value=int(d.get("top_k") or 100), step=1,
-                          label="Top-k", visible=not mim)
-        temperature = gr.Slider(0.05, 2.0, value=float(d["temperature"]), step=0.05, label="Temperature")
+        codes = int(pipe.model.config.codebook_size)  # slider ranges hold the model's defaults
+        guidance = gr.Slider(0.0, max(10.0, d["guidance_scale"]), value=float(d["guidance_scale"]), step=0.1,
+                             label="Guidance scale (1 = off)")
+        steps = gr.Slider(1, max(64, d["steps"]), value=int(d["steps"]), step=1, label="Steps", visible=mim)
+        top_k = gr.Slider(1, codes, value=min(codes, int(d.get("top_k") or codes)), step=1, label="Top-k",
+                          visible=not mim)
+        temperature = gr.Slider(0.05, max(2.0, d["temperature"]), value=float(d["temperature"]), step=0.05,
+                                label="Temperature")
         return [guidance, steps, top_k, temperature]
 
     side = pipe.resolution
