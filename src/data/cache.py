@@ -16,12 +16,15 @@ import json
 import logging
 import os
 import warnings
+from dataclasses import asdict
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..utils import temp_path_for
+from .images import ImageLimits
 from .text import TextTokenizer
 from .tsv import TSVImageText
 
@@ -71,9 +74,12 @@ def tokenizer_hash(tokenizer: TextTokenizer) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def cache_fingerprint(tsv_path, vqgan, tokenizer, resolution: int, text_len: int) -> dict:
+def cache_fingerprint(tsv_path, vqgan, tokenizer, resolution: int, text_len: int,
+                      limits: ImageLimits = ImageLimits()) -> dict:
+    """What the cached ids depend on; the image limits decide which rows are read at all."""
     return {"format": CACHE_FORMAT, "tsv": file_fingerprint(tsv_path), "vqgan_sha256": state_dict_hash(vqgan),
-            "tokenizer_sha256": tokenizer_hash(tokenizer), "resolution": resolution, "text_len": text_len}
+            "tokenizer_sha256": tokenizer_hash(tokenizer), "resolution": resolution, "text_len": text_len,
+            "image_limits": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(limits).items()}}
 
 
 class TokenCache(Dataset):
@@ -142,13 +148,13 @@ def _input_placement(module) -> tuple[torch.device, torch.dtype]:
 
 def build_token_cache(tsv_path, vqgan, tokenizer: TextTokenizer, cache_dir, resolution: int, text_len: int = 32,
                       batch_size: int = 32, bad_rows: str = "error", progress: bool = True,
-                      num_workers: int = 0) -> TokenCache:
+                      num_workers: int = 0, limits: ImageLimits = ImageLimits()) -> TokenCache:
     """Encode every row of `tsv_path` once (`vqgan.encode(x) -> long [B,h,w]`, tokenizer ids) into `cache_dir`, or
     reuse the cache there if its fingerprint matches. The VQGAN runs in eval mode on its own device and dtype.
     Single-process: under DDP, build on rank 0 first, then let the other ranks call this (they will reuse it).
     Images given as paths inside the TSV are not part of the fingerprint: editing them in place needs a rebuild
     (delete cache_dir)."""
-    fingerprint = cache_fingerprint(tsv_path, vqgan, tokenizer, resolution, text_len)
+    fingerprint = cache_fingerprint(tsv_path, vqgan, tokenizer, resolution, text_len, limits)
     meta_path = os.path.join(cache_dir, "meta.json")
     if os.path.isfile(meta_path):
         try:
@@ -166,16 +172,17 @@ def build_token_cache(tsv_path, vqgan, tokenizer: TextTokenizer, cache_dir, reso
     ids_dtype = image_ids_dtype(getattr(vqgan, "codebook_size", None))
     files = _files(ids_dtype)
     id_max = int(np.iinfo(files["image_ids"][1]).max)
-    tmp = {name: os.path.join(cache_dir, f"{filename}.tmp{os.getpid()}") for name, (filename, _) in files.items()}
-    tmp["captions"] = os.path.join(cache_dir, f"captions.jsonl.tmp{os.getpid()}")
-    dataset = TSVImageText(tsv_path, resolution, bad_rows=bad_rows, rank=0, world_size=1)
+    # temp names a later run can recognise and remove (utils.remove_stale_temp_files) if this build is killed
+    tmp = {name: temp_path_for(os.path.join(cache_dir, filename)) for name, (filename, _) in files.items()}
+    tmp["captions"] = temp_path_for(os.path.join(cache_dir, "captions.jsonl"))
+    dataset = TSVImageText(tsv_path, resolution, bad_rows=bad_rows, rank=0, world_size=1, limits=limits)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     device, dtype = _input_placement(vqgan)
     was_training = getattr(vqgan, "training", False)
     if hasattr(vqgan, "eval"):
         vqgan.eval()
     num_rows, truncated, grid = 0, 0, None
-    meta_tmp = tmp["meta"] = meta_path + f".tmp{os.getpid()}"
+    meta_tmp = tmp["meta"] = temp_path_for(meta_path)
     try:
         with open(tmp["image_ids"], "wb") as image_file, open(tmp["text_ids"], "wb") as text_file, \
                 open(tmp["captions"], "w", encoding="utf-8") as caption_file, torch.inference_mode():

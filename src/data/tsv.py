@@ -2,6 +2,9 @@
 
 The image column is base64 image bytes (standard or urlsafe, padded or not) or a path relative to the TSV's folder.
 Files can be far larger than memory, so everything here iterates lines and never holds the file.
+
+What an image column may make the reader touch is bounded by ImageLimits (tokenpaint.data.images): a path must
+resolve (symlinks followed) inside the TSV's folder unless allow_outside_paths; a line is at most MAX_LINE_BYTES.
 """
 
 from __future__ import annotations
@@ -16,17 +19,20 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-import numpy as np
 import torch
-from einops import rearrange
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
+
+from .images import (ImageLimits, decode_image, pil_to_tensor, read_regular_file, resize_center_crop,  # noqa: F401
+                     tensor_to_pil)
 
 logger = logging.getLogger(__name__)
 
 BAD_ROW_KINDS = ("columns", "encoding", "text", "base64", "image", "path")
 _BASE64_CHARS = re.compile(r"^[A-Za-z0-9+/=_\-\s]*$")
 _MAX_PATH_LEN = 1024  # a field this long is base64, not a path
+_BOM = b"\xef\xbb\xbf"
+MAX_LINE_BYTES = 128 << 20  # base64 of a 96 MB image
 
 
 class BadRowError(ValueError):
@@ -52,12 +58,23 @@ class Row:
 # line-level helpers
 
 
-def iter_lines(path) -> Iterator[tuple[int, bytes]]:
+def iter_lines(path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes]]:
     """Yield (1-based line number, raw line without its newline). Blank lines are held back until a non-blank line
-    follows, so that blank lines at the end of the file (a common artefact) are dropped rather than reported."""
+    follows, so that blank lines at the end of the file (a common artefact) are dropped rather than reported.
+    A UTF-8 byte order mark at the start of the file is dropped; a line over `max_line_bytes` is a BadRowError
+    (read no further than the cap: a file without newlines is never held whole)."""
     pending_blank: list[int] = []
     with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
+        line_no = 0
+        while True:
+            raw = f.readline(max_line_bytes + 1)
+            if not raw:
+                return
+            line_no += 1
+            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                raise BadRowError(path, line_no, "columns", f"line longer than {max_line_bytes} bytes")
+            if line_no == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM):]
             raw = raw.rstrip(b"\r\n")
             if not raw.strip():
                 pending_blank.append(line_no)
@@ -129,64 +146,45 @@ def encode_png_base64(image: Image.Image) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        white = Image.new("RGBA", img.size, (255, 255, 255, 255))  # transparent pixels become white, not black
-        img = Image.alpha_composite(white, img)
-    return img.convert("RGB")
+def read_image_file(field: str, tsv_path, line_no: int, limits: ImageLimits = ImageLimits()) -> bytes:
+    """The bytes of the image file a row names: resolved against the TSV's folder (symlinks followed) and kept inside
+    it unless limits.allow_outside_paths, then read_regular_file; any refusal is a BadRowError of kind "path"."""
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(tsv_path)))
+    real = os.path.realpath(os.path.join(folder, field))
+    if not limits.allow_outside_paths and os.path.commonpath([folder, real]) != folder:
+        raise BadRowError(tsv_path, line_no, "path", f"image path {field!r} resolves to {real}, outside the TSV's "
+                                                     f"folder {folder} (pass --allow-outside-paths to read images "
+                                                     f"from elsewhere)")
+    try:
+        return read_regular_file(real, limits.max_file_bytes)
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise BadRowError(tsv_path, line_no, "path", f"cannot read image path {field!r}: {reason}") from None
 
 
-def resize_center_crop(img: Image.Image, resolution: int) -> Image.Image:
-    """Resize the shorter side to `resolution` (bicubic, antialiased by Pillow) and center-crop a square."""
-    w, h = img.size
-    scale = resolution / min(w, h)
-    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), Image.BICUBIC)
-    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
-    return img.crop((left, top, left + resolution, top + resolution))
-
-
-def pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL -> float [3,H,W] in [-1,1]."""
-    pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
-    return rearrange(pixels, "h w c -> c h w").float().div_(127.5).sub_(1.0)
-
-
-def tensor_to_pil(x: torch.Tensor) -> Image.Image:
-    """float [3,H,W] in [-1,1] (clamped) -> RGB PIL."""
-    pixels = rearrange(((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8), "c h w -> h w c")
-    return Image.fromarray(pixels.cpu().numpy(), "RGB")
-
-
-def load_image_field(field: str, tsv_path, line_no: int) -> Image.Image:
+def load_image_field(field: str, tsv_path, line_no: int, limits: ImageLimits = ImageLimits()) -> Image.Image:
     """Open the image column of one row (base64 bytes or a path relative to the TSV's folder) as RGB PIL."""
     field = field.strip()
     folder = os.path.dirname(os.path.abspath(tsv_path))
     is_b64_alphabet = bool(_BASE64_CHARS.match(field))
-    local = os.path.join(folder, field) if len(field) < _MAX_PATH_LEN else None
-    if local is not None and (not is_b64_alphabet or os.path.isfile(local)):
-        source = f"image file {local!r}"
-        try:
-            with open(local, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise BadRowError(tsv_path, line_no, "path", f"cannot read image path {field!r}: {e.strerror}") from None
+    local = os.path.join(folder, field) if field and len(field) < _MAX_PATH_LEN else None
+    if local is not None and (not is_b64_alphabet or os.path.lexists(local)):
+        source = f"image file {field!r}"
+        data = read_image_file(field, tsv_path, line_no, limits)
     else:
         source = "base64 image"
         if not field:
             raise BadRowError(tsv_path, line_no, "base64", "empty image column")
+        if len(field) > limits.max_file_bytes * 4 // 3 + 4:
+            raise BadRowError(tsv_path, line_no, "base64",
+                              f"base64 image over the cap of {limits.max_file_bytes} bytes")
         try:
             data = decode_base64(field)
         except (binascii.Error, ValueError) as e:
             hint = f"; nor is it an existing file {local!r}" if local is not None and "/" in field else ""
             raise BadRowError(tsv_path, line_no, "base64", f"image column is not valid base64 ({e}){hint}") from None
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return _to_rgb(img)
+        return decode_image(data, limits)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise BadRowError(tsv_path, line_no, "image", f"{source} cannot be decoded ({type(e).__name__}: {e})") from None
 
@@ -228,6 +226,17 @@ def shuffle_seed(seed: int, epoch: int, shard: int) -> int:
     return (seed * 1_000_003 + epoch) * 10_007 + shard & (2**63 - 1)
 
 
+def check_tsv_path(path, flag: str = "TSV") -> None:
+    """A TSV argument must name a regular file: a directory, device or FIFO gets a clear error, not a traceback or
+    a hang."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{flag} file not found: {path}")
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a directory; expected a TSV file")
+    if not os.path.isfile(path):
+        raise ValueError(f"{flag} {path} is not a regular file (a device, FIFO or socket); expected a TSV file")
+
+
 def _check_bad_rows_arg(bad_rows: str) -> None:
     if bad_rows not in ("error", "skip"):
         raise ValueError(f"bad_rows must be 'error' or 'skip', got {bad_rows!r}")
@@ -247,9 +256,9 @@ class TSVImageText(IterableDataset):
     """
 
     def __init__(self, path, resolution: int, bad_rows: str = "error", shuffle: bool = False, seed: int = 0,
-                 shuffle_buffer: int = 1024, rank: int | None = None, world_size: int | None = None):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"TSV file not found: {path}")
+                 shuffle_buffer: int = 1024, rank: int | None = None, world_size: int | None = None,
+                 limits: ImageLimits = ImageLimits()):
+        check_tsv_path(path)
         _check_bad_rows_arg(bad_rows)
         if resolution <= 0:
             raise ValueError(f"resolution must be positive, got {resolution}")
@@ -257,7 +266,7 @@ class TSVImageText(IterableDataset):
             raise ValueError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}")
         self.path, self.resolution, self.bad_rows = str(path), resolution, bad_rows
         self.shuffle, self.seed, self.shuffle_buffer = shuffle, seed, shuffle_buffer
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.limits = rank, world_size, limits
         self.epoch = 0
         self._counts = multiprocessing.Array("q", len(BAD_ROW_KINDS))  # shared with forked/spawned workers
 
@@ -302,7 +311,7 @@ class TSVImageText(IterableDataset):
 
     def load_row(self, line_no: int, raw: bytes) -> dict:
         idx, text, image_field = parse_row(self.path, line_no, raw)
-        img = resize_center_crop(load_image_field(image_field, self.path, line_no), self.resolution)
+        img = resize_center_crop(load_image_field(image_field, self.path, line_no, self.limits), self.resolution)
         return {"idx": idx, "text": text, "image": pil_to_tensor(img), "line": line_no}
 
     def __iter__(self) -> Iterator[dict]:
