@@ -6,7 +6,7 @@
                               [--tokenizer SPM.model] [--init-from RUN_DIR]
                               [--lora RANK [--lora-alpha A] [--lora-targets attn,mlp,...]]
   both: [--max-steps N] [--max-minutes M] [--batch-size B] [--seed S] [--resume] [--bad-rows error|skip]
-        [--threads N] [--compile]
+        [--threads N] [--compile] [--allow-outside-paths]
 
 Multi-process: torchrun --nproc_per_node=N train.py ... (gloo on CPU, nccl on GPU; the global batch is
 N x --batch-size x train.grad_accum). SIGTERM / Ctrl-C finish the current step, save a checkpoint and exit 0.
@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--threads", type=int, metavar="N",
                        help="CPU threads for torch (default: torch's choice, all cores); on a busy machine 1 can be "
                             "much faster for small models")
+        p.add_argument("--allow-outside-paths", action="store_true",
+                       help="let image paths in the TSVs point outside the TSV's folder (absolute paths, ../, "
+                            "symlinks out); by default such rows are bad rows")
         p.add_argument("--compile", action="store_true", default=None,
                        help="torch.compile the training forward (train.compile); helps on GPUs, not on small CPU runs")
 
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    from tokenpaint.training.common import NonFiniteLossError, TrainOptions
+    from tokenpaint.training.common import DiskFullError, NonFiniteLossError, TrainOptions
 
     try:
         opts = TrainOptions(stage=args.stage, data=args.data, config=args.config, out=args.out, val=args.val,
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                             init_from=getattr(args, "init_from", None), lora_rank=getattr(args, "lora_rank", None),
                             lora_alpha=getattr(args, "lora_alpha", None),
                             lora_targets=getattr(args, "lora_targets", None), compile=args.compile,
-                            argv=[prog, *argv])
+                            allow_outside_paths=args.allow_outside_paths, argv=[prog, *argv])
         if args.stage == "vqgan":
             from tokenpaint.training.vqgan_stage import train_vqgan
 
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    except (ValueError, FileNotFoundError) as e:  # user-caused: a clear message, no traceback
+    except (ValueError, FileNotFoundError, DiskFullError) as e:  # a clear message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,9 +1,11 @@
 """Small helpers shared across the package."""
 from __future__ import annotations
 
+import errno
 import os
 import re
-import tempfile
+import secrets
+import shutil
 from dataclasses import fields, is_dataclass
 from typing import Any, Callable, Mapping, Union
 
@@ -42,21 +44,84 @@ def fsync_dir(directory: PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
+class DiskFullError(OSError):
+    """A write failed, or would fail, for lack of disk space; the message names the file and the free space."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+_TEMP_NAME = re.compile(r"^\..+\.[0-9a-z_]{8}\.tmp$")  # temp_path_for (and tempfile.mkstemp's names before it)
+
+
+def temp_path_for(path: PathLike) -> str:
+    """A fresh temporary name beside `path` (`.NAME.XXXXXXXX.tmp`), the one pattern remove_stale_temp_files knows."""
+    path = os.fspath(path)
+    return os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+
+
+def remove_stale_temp_files(directory: PathLike, depth: int = 2) -> list[str]:
+    """Delete the temporary files that writes killed midway (kill -9, power loss) left in `directory` and its
+    subfolders down to `depth`; returns their paths. Only for a directory this process holds (a RunLock): a live
+    writer's temp file would be deleted too."""
+    removed = []
+    root = os.fspath(directory)
+    for folder, subdirs, files in os.walk(root):
+        if folder[len(root):].count(os.sep) >= depth:
+            subdirs[:] = []
+        for name in files:
+            if _TEMP_NAME.match(name):
+                path = os.path.join(folder, name)
+                try:
+                    os.remove(path)
+                except FileNotFoundError:
+                    continue
+                removed.append(path)
+    return removed
+
+
+def _is_disk_full(error: BaseException, directory: str, need_bytes: int) -> bool:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return True
+    if "No space left" in str(error):
+        return True
+    try:  # torch.save reports a full disk as "unexpected pos" / "file write failed": ask the filesystem
+        return shutil.disk_usage(directory).free < max(need_bytes, 1 << 20)
+    except OSError:
+        return False
+
+
+def atomic_write(path: PathLike, write: Callable[[str], None], need_bytes: int = 0) -> None:
     """`write(tmp_path)` into a temporary file beside `path`, fsync it, then `os.replace`: readers (and a run killed
-    mid-write) never see half a file under the final name, and a failed write leaves no temporary file behind."""
+    mid-write) never see half a file under the final name, and a failed write leaves no temporary file behind.
+
+    The file gets the mode a plain `open` would (0666 less the umask). With `need_bytes`, the free space is checked
+    first; a write that fails for lack of space (checked or not) raises DiskFullError naming the file."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
+    if need_bytes:
+        free = shutil.disk_usage(directory).free
+        if free < need_bytes:
+            raise DiskFullError(f"not enough disk space to write {path}: {need_bytes / 2**20:.1f} MiB needed, "
+                                f"{free / 2**20:.1f} MiB free in {directory}")
+    tmp = temp_path_for(path)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies, as with open()
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, Exception) and not isinstance(e, DiskFullError) and _is_disk_full(e, directory, need_bytes):
+            free = shutil.disk_usage(directory).free
+            raise DiskFullError(f"disk full while writing {path} ({free / 2**20:.1f} MiB free in {directory}): "
+                                f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") \
+                from e
         raise
     fsync_dir(directory)
 

@@ -5,12 +5,12 @@ budget, NaN guard, LR schedule, distributed setup, weight EMA and an exactly-res
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
 import random
-import re
 import shlex
 import signal
 import sys
@@ -23,7 +23,14 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from ..utils import atomic_write, atomic_write_bytes, load_config, read_yaml  # noqa: F401  (re-exported)
+from ..data.images import ImageLimits
+from ..data.tsv import check_tsv_path
+from ..utils import (DiskFullError, atomic_write, atomic_write_bytes, load_config, read_yaml,  # noqa: F401
+                     remove_stale_temp_files)
+from .checkpoints import CheckpointManager  # noqa: F401  (re-exported)
+from .run_dir import RunLock, RunLockedError  # noqa: F401  (re-exported)
+
+SEED_LIMIT = 2**32  # train seeds: derived seeds (seed * 100003 + epoch, ...) must stay within torch's 64 bits
 
 # ----------------------------------------------------------------------------- options
 
@@ -50,6 +57,7 @@ class TrainOptions:
     lora_alpha: float | None = None  # transformer: --lora-alpha
     lora_targets: list[str] | None = None  # transformer: --lora-targets attn,mlp
     compile: bool | None = None  # --compile: torch.compile the training forward (None: the config's train.compile)
+    allow_outside_paths: bool = False  # --allow-outside-paths: image paths in the TSVs may leave their folder
     argv: list[str] = field(default_factory=list)  # the command line, to print the exact resume command
 
     def __post_init__(self):
@@ -59,8 +67,25 @@ class TrainOptions:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise ValueError(f"--max-minutes must be positive, got {self.max_minutes}")
+        if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
+            raise ValueError(f"--max-minutes must be a positive number of minutes, got {self.max_minutes}")
+        if self.seed is not None:
+            check_seed(self.seed, "--seed")
+
+    @property
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(allow_outside_paths=self.allow_outside_paths)
+
+    def check_data_paths(self) -> None:
+        """--data / --val name regular files (a directory or a FIFO is a clear error, before any work)."""
+        check_tsv_path(self.data, "--data")
+        if self.val is not None:
+            check_tsv_path(self.val, "--val")
+
+
+def check_seed(seed, where: str) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"{where} must be an integer in [0, 2**32), got {seed!r}")
 
 
 def resume_command(opts: TrainOptions, max_minutes: float | None = None) -> str:
@@ -95,70 +120,31 @@ def _plain(obj: Any) -> Any:
 # ----------------------------------------------------------------------------- atomic files and checkpoints
 
 
-class CheckpointManager:
-    """`DIR/step_XXXXXXXX.pt` files written atomically (temp file, fsync, os.replace); keeps the last `keep_last`.
-
-    Only complete files named exactly `step_<8 digits>.pt` count, so a temp file left by a killed write is never
-    `latest()`. Loading uses `torch.load(weights_only=True)`: a checkpoint that needs code to unpickle is refused.
-    """
-
-    PATTERN = re.compile(r"^step_(\d{8})\.pt$")
-
-    def __init__(self, directory: str, keep_last: int = 3):
-        if keep_last < 1:
-            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-        self.directory = directory
-        self.keep_last = keep_last
-
-    def path_for(self, step: int) -> str:
-        return os.path.join(self.directory, f"step_{step:08d}.pt")
-
-    def list(self) -> list[tuple[int, str]]:
-        if not os.path.isdir(self.directory):
-            return []
-        found = []
-        for name in os.listdir(self.directory):
-            m = self.PATTERN.match(name)
-            if m:
-                found.append((int(m.group(1)), os.path.join(self.directory, name)))
-        return sorted(found)
-
-    def latest(self) -> str | None:
-        found = self.list()
-        return found[-1][1] if found else None
-
-    def save(self, state: dict, step: int) -> str:
-        os.makedirs(self.directory, exist_ok=True)
-        path = self.path_for(step)
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
-        for _, old in self.list()[: -self.keep_last]:
-            os.remove(old)
-        return path
-
-    @staticmethod
-    def load(path: str) -> dict:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"refusing to load checkpoint {path}: it is not a weights-only file "
-                             f"(tensors and plain values); nothing in it was executed. Reason: {e}") from e
-        if not isinstance(state, dict) or "step" not in state:
-            raise ValueError(f"checkpoint {path} is not a training checkpoint (no 'step' entry)")
-        return state
+@contextlib.contextmanager
+def claim_run_directory(opts: TrainOptions):
+    """Before any work: --data / --val checked, the run directory locked against a second writer (rank 0), and the
+    temp files of earlier interrupted writes removed from it."""
+    opts.check_data_paths()
+    if not is_main():
+        yield
+        return
+    with RunLock(opts.out):
+        for path in remove_stale_temp_files(opts.out):
+            print(f"removed {path}, left by an interrupted write", file=sys.stderr)
+        yield
 
 
 def start_or_resume(opts: TrainOptions, ckpts: CheckpointManager, resolve) -> tuple[dict, dict | None]:
-    """(config, resume_state). With --resume: the latest checkpoint and the config stored in it (--max-steps may
-    change, --batch-size may not). Otherwise `resolve()` builds the config, and --out must not hold a run yet."""
+    """(config, resume_state). With --resume: the newest loadable checkpoint and the config stored in it
+    (--max-steps may change, not below the checkpoint's step; --batch-size may not). Otherwise `resolve()` builds
+    the config, and --out must not hold a run yet."""
     if opts.resume:
-        latest = ckpts.latest()
-        if latest is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {ckpts.directory} to resume from")
-        state = CheckpointManager.load(latest)
+        _, state = ckpts.load_latest()
         cfg = copy.deepcopy(state["config"])
         if opts.max_steps is not None:
+            if opts.max_steps < state["step"]:
+                raise ValueError(f"--max-steps {opts.max_steps} is below step {state['step']} of the checkpoint "
+                                 f"being resumed: nothing to train (give a larger --max-steps)")
             cfg["train"]["max_steps"] = opts.max_steps
         if opts.batch_size is not None and opts.batch_size != cfg["train"]["batch_size"]:
             raise ValueError(f"--batch-size {opts.batch_size} differs from the run being resumed "

@@ -31,9 +31,9 @@ from ..transformer.io import check_state_dict, read_generator_config
 from ..transformer.presets import CONFIG_SCHEMA
 from ..vqgan import VQGAN
 from .common import (CheckpointManager, GracefulStop, MetricsLogger, TimeBudget, TrainOptions, capture_rng,
-                     check_finite, cleanup_distributed, cosine_lr, is_distributed, is_main, load_config, maybe_compile,
-                     progress_bar, report_finish, resolve_bf16, restore_rng, save_yaml, set_seed, setup_distributed,
-                     start_or_resume, sync_progress)
+                     check_finite, claim_run_directory, cleanup_distributed, cosine_lr, is_distributed, is_main,
+                     load_config, maybe_compile, progress_bar, report_finish, resolve_bf16, restore_rng, save_yaml,
+                     set_seed, setup_distributed, start_or_resume, sync_progress)
 from .model_card import write_model_card
 from .transformer_lora import apply_lora_options, attach_adapter, base_path, lora_enabled
 from .transformer_data import GlobalBatches, corrupt, rank_rows, summed_cross_entropy
@@ -66,7 +66,8 @@ def train_transformer(opts: TrainOptions) -> dict:
     info = setup_distributed()
     we_started_dist = is_distributed()
     try:
-        return _train(opts, info)
+        with claim_run_directory(opts):
+            return _train(opts, info)
     finally:
         if we_started_dist:
             cleanup_distributed()
@@ -146,7 +147,7 @@ def _token_caches(opts, vqgan, tokenizer, resolution, text_len, batch_size, imag
             continue
         cache = _rank0_first(lambda: build_token_cache(
             tsv, vqgan, tokenizer, os.path.join(opts.out, "cache", name), resolution, text_len=text_len,
-            batch_size=batch_size, bad_rows=opts.bad_rows, progress=is_main()))
+            batch_size=batch_size, bad_rows=opts.bad_rows, progress=is_main(), limits=opts.image_limits))
         if tuple(cache.image_grid) != (image_size, image_size):
             raise ValueError(f"token cache of {tsv} holds {cache.image_grid} ids per image, the model expects "
                              f"{image_size}x{image_size} (data.resolution / VQGAN downsample factor)")

@@ -22,9 +22,9 @@ from ..vqgan import VQGAN, VQGANConfig
 from ..vqgan.losses import LPIPS, NLayerDiscriminator, adaptive_generator_weight, hinge_d_loss
 from .codebook import CodebookMonitor
 from .common import (EMA, CheckpointManager, GracefulStop, MetricsLogger, ResumableBatches, TimeBudget, TrainOptions,
-                     capture_rng, check_finite, cleanup_distributed, cosine_lr, is_distributed, is_main, load_config,
-                     maybe_compile, progress_bar, report_finish, resolve_bf16, restore_rng, save_yaml, set_seed,
-                     setup_distributed, start_or_resume, sync_progress)
+                     capture_rng, check_finite, claim_run_directory, cleanup_distributed, cosine_lr, is_distributed,
+                     is_main, load_config, maybe_compile, progress_bar, report_finish, resolve_bf16, restore_rng,
+                     save_yaml, set_seed, setup_distributed, start_or_resume, sync_progress)
 from .model_card import write_model_card
 
 LOSS_DEFAULTS = dict(l1_weight=1.0, l2_weight=0.0, perceptual_weight=1.0, codebook_weight=1.0, lpips_vgg=None,
@@ -140,7 +140,8 @@ def train_vqgan(opts: TrainOptions) -> dict:
     info = setup_distributed()
     we_started_dist = is_distributed()
     try:
-        return _train(opts, info, TSVImageText)
+        with claim_run_directory(opts):
+            return _train(opts, info, TSVImageText)
     finally:
         if we_started_dist:
             cleanup_distributed()
@@ -170,9 +171,10 @@ def _train(opts: TrainOptions, info, TSVImageText) -> dict:
     catcher = _LatentCatcher(model.quant_conv)
 
     dataset = TSVImageText(opts.data, dcfg["resolution"], bad_rows=opts.bad_rows, shuffle=dcfg["shuffle"], seed=seed,
-                           shuffle_buffer=dcfg["shuffle_buffer"])
+                           shuffle_buffer=dcfg["shuffle_buffer"], limits=opts.image_limits)
     batches = ResumableBatches(dataset, tcfg["batch_size"], tcfg["num_workers"], seed, name=opts.data)
-    val_set = TSVImageText(opts.val, dcfg["resolution"], bad_rows=opts.bad_rows) if opts.val else None
+    val_set = (TSVImageText(opts.val, dcfg["resolution"], bad_rows=opts.bad_rows, limits=opts.image_limits)
+               if opts.val else None)
 
     step = 0
     if resume_state is not None:

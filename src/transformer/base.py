@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from .config import GeneratorConfig
-from .io import CONFIG_NAME, WEIGHTS_NAME, PathLike, load_state_dict_strict, read_generator_config, save_generator
+from .io import CONFIG_NAME, WEIGHTS_NAME, PathLike, build_from_weights, read_generator_config, save_generator
 from .layers import Block, LayerNorm, TextImageEmbedding, init_weights
 
 
@@ -116,9 +116,7 @@ class TokenTransformer(nn.Module):
         directory = Path(directory)
         config_dict = read_generator_config(directory)
         config = cls.config_class.from_dict(config_dict, source=str(directory / CONFIG_NAME))
-        model = cls(config)
-        load_state_dict_strict(model, directory / WEIGHTS_NAME)
-        return model.to(map_location)
+        return build_from_weights(cls, config, directory / WEIGHTS_NAME).to(map_location)
 
 
 def _check_ids(name: str, ids: torch.Tensor, vocab: int) -> None:

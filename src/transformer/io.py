@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Union
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..utils import atomic_write, state_dict_mismatch
+from ..vqgan.io import read_safetensors
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -52,14 +53,28 @@ def read_generator_config(directory: PathLike) -> dict:
     return config
 
 
-def load_state_dict_strict(model: torch.nn.Module, weights_path: PathLike) -> None:
-    """Load safetensors weights into `model`; any missing / unexpected key or shape mismatch -> ValueError."""
+def load_state_dict_strict(model: torch.nn.Module, weights_path: PathLike, assign: bool = False) -> None:
+    """Load safetensors weights into `model`; a corrupt file (CheckpointError) and any missing / unexpected key or
+    shape mismatch (ValueError) name the file. `assign=True` adopts the file's tensors (for a model built on the
+    meta device, whose parameters hold no memory until then)."""
     weights_path = Path(weights_path)
     if not weights_path.is_file():
         raise FileNotFoundError(f"no weights file at {weights_path}")
-    state = load_file(str(weights_path))
+    state = read_safetensors(weights_path)
     check_state_dict(model, state, source=str(weights_path))
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=assign)
+
+
+def build_from_weights(model_class, config, weights_path: PathLike):
+    """`model_class(config)` built on the meta device (no memory, no random init) and materialised from the weights
+    file: a config.json naming a huge model fails on the file's shapes, not in the allocator."""
+    with torch.device("meta"):
+        model = model_class(config)
+    load_state_dict_strict(model, weights_path, assign=True)
+    dtypes = {p.dtype for p in model.state_dict().values() if p.is_floating_point()}
+    if len(dtypes) > 1:  # a mixed file: settle on the head's dtype so every op sees one dtype
+        model.to(model.head.weight.dtype)
+    return model
 
 
 def check_state_dict(model: torch.nn.Module, state: dict, source: str) -> None:

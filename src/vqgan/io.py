@@ -97,23 +97,30 @@ _lenient_pickle.Unpickler = _LenientUnpickler
 _lenient_pickle.load = lambda f, **kw: _LenientUnpickler(f, **kw).load()
 
 
+_REFUSED_OBJECT = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL|Unsupported class)\s+([\w.]+)")
+# torch's preamble and advice around a weights-only refusal (it suggests weights_only=False: never repeat that)
+_TORCH_NOISE = ("Weights only load failed", "In PyTorch 2.6", "Re-running", "Please file an issue", "Check the documentation")
+
+
 def read_torch_checkpoint(path: PathLike, allow_unsafe_pickle: bool = False, map_location="cpu") -> Mapping:
-    """torch.load with weights_only=True; turns every failure into one CheckpointError naming the file."""
+    """torch.load with weights_only=True; turns every failure into one CheckpointError naming the file. A file that
+    holds pickled Python objects is an UnsafeCheckpointError, worded the same whatever torch's own message."""
     path = Path(path)
     try:
         if allow_unsafe_pickle:
             return torch.load(path, map_location=map_location, weights_only=False, pickle_module=_lenient_pickle)
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        refused = _REFUSED_OBJECT.search(str(e))
         if refused and not allow_unsafe_pickle:
             raise UnsafeCheckpointError(
-                f"{path}: torch.load(weights_only=True) refused this checkpoint because it holds a pickled Python "
-                f"object ({refused.group(1)}); unpickling it could run arbitrary code. If you trust the file, pass "
-                f"allow_unsafe_pickle=True (VQGAN.from_pretrained(path, allow_unsafe_pickle=True))."
+                f"{path}: refused: the file holds a pickled Python object ({refused.group(1)}), not just tensors and "
+                f"plain values; unpickling it could run arbitrary code, so tokenpaint loads weights only and nothing "
+                f"in the file was run"
             ) from None
         raise CheckpointError(
-            f"{path}: not a readable torch checkpoint (corrupt, or not a checkpoint): {_first_line(e)}"
+            f"{path}: not a readable weights-only checkpoint (corrupt, or it holds data beyond tensors and plain "
+            f"values; nothing in it was run): {_first_line(e)}"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
         if isinstance(e, (FileNotFoundError, IsADirectoryError, PermissionError)):
@@ -122,9 +129,10 @@ def read_torch_checkpoint(path: PathLike, allow_unsafe_pickle: bool = False, map
 
 
 def _first_line(e: BaseException) -> str:
-    """The informative line of an exception: torch's weights-only errors bury it after a long preamble."""
+    """The informative line of an exception: torch's weights-only errors bury it among a preamble and advice."""
     text = str(e).split("WeightsUnpickler error:")[-1]
     lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(_TORCH_NOISE) and "weights_only" not in line]
     return lines[0] if lines else type(e).__name__
 
 
