@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import errno
+import math
 import os
 import re
 import secrets
 import shutil
 from dataclasses import fields, is_dataclass
-from typing import Any, Callable, Mapping, Union
+from typing import Any, Callable, Mapping, NamedTuple, Union
 
 import yaml
 
@@ -168,42 +169,154 @@ def _key_line(path: str, section: str | None, key: str) -> int | None:
     return None
 
 
-def _allowed_keys(spec: Any) -> set[str] | None:
-    if spec is None:
-        return None  # free-form section
+# ----------------------------------------------------------------------------- config values: type and range
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class Check(NamedTuple):
+    """The type and range of one config value: `ok(value)`, and what is wanted, for the error message."""
+
+    ok: Callable[[Any], bool]
+    wanted: str
+
+    def or_none(self, meaning: str = "") -> "Check":
+        return Check(lambda v: v is None or self.ok(v), f"{self.wanted}, or null{f' ({meaning})' if meaning else ''}")
+
+
+def integer(lo: int | None = None, hi: int | None = None) -> Check:
+    """An integer (not a bool, not a float or a string) in [lo, hi)."""
+    ok = lambda v: _is_int(v) and (lo is None or v >= lo) and (hi is None or v < hi)  # noqa: E731
+    wanted = "an integer" if lo is None and hi is None else f"an integer >= {lo}" if hi is None else \
+        f"an integer in [{lo}, {hi})"
+    return Check(ok, wanted)
+
+
+def number(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> Check:
+    """A finite number (an int is fine) between lo and hi, each end closed unless `*_open`."""
+    def ok(v):
+        return _is_number(v) and (lo is None or (v > lo if lo_open else v >= lo)) and \
+            (hi is None or (v < hi if hi_open else v <= hi))
+    if hi is None:
+        wanted = "a number" if lo is None else f"a number {'>' if lo_open else '>='} {lo:g}"
+    else:
+        wanted = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    return Check(ok, wanted)
+
+
+def one_of(*choices: Any) -> Check:
+    return Check(lambda v: any(v is c or (type(v) is type(c) and v == c) for c in choices),
+                 "one of " + ", ".join(yaml.safe_dump(c).split("\n")[0] for c in choices))
+
+
+# a training seed: the seeds derived from it (seed * 100003 + epoch, ...) must stay within torch's 64 bits
+TRAIN_SEED = integer(0, 2**32)
+BOOLEAN = Check(lambda v: isinstance(v, bool), "true or false")
+STRING = Check(lambda v: isinstance(v, str), "a string")
+
+
+def number_list(length: int, item: Check) -> Check:
+    return Check(lambda v: isinstance(v, (list, tuple)) and len(v) == length and all(item.ok(x) for x in v),
+                 f"a list of {length} numbers, each {item.wanted.replace('a number ', '')}")
+
+
+def _check_for_default(default: Any) -> Check | None:
+    """The type a key's default implies (None: any type); a float default accepts ints too."""
+    if isinstance(default, bool):
+        return BOOLEAN
+    if isinstance(default, int):
+        return integer()
+    if isinstance(default, float):
+        return number()
+    if isinstance(default, str):
+        return STRING
+    if isinstance(default, (list, tuple)):
+        return Check(lambda v: isinstance(v, (list, tuple)), "a list")
+    return None
+
+
+ANY = Check(lambda v: True, "anything")
+
+
+def field_check(f) -> Check:
+    """The type a dataclass field's annotation names (int, float, bool, str, Optional[...], tuples as lists of
+    integers); ANY for other annotations."""
+    text = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    optional = text.startswith("Optional[") or text.endswith("| None")
+    text = text[len("Optional["):-1] if text.startswith("Optional[") else text.replace("| None", "").strip()
+    if text.lower().startswith(("tuple", "list")):
+        check = Check(lambda v: isinstance(v, (list, tuple)) and all(_is_int(x) for x in v), "a list of integers")
+    else:
+        check = {"int": integer(), "float": number(), "bool": BOOLEAN, "str": STRING}.get(text, ANY)
+    return check.or_none() if optional and check is not ANY else check
+
+
+class Section(NamedTuple):
+    """A config section: defaults (merged under what the file gives) and the checks of its keys. A key's type is
+    also implied by its default (see _check_for_default); `checks` adds ranges and covers keys without defaults."""
+
+    defaults: dict[str, Any]
+    checks: dict[str, Check]
+
+
+def _as_section(spec: Any) -> Section | None:
+    """dict of defaults | Section | dataclass type (its fields, typed by their annotations; no defaults merged) |
+    set of key names | None (a free-form section)."""
+    if spec is None or isinstance(spec, Section):
+        return spec
+    if isinstance(spec, dict):
+        return Section(spec, {})
     if is_dataclass(spec):
-        return {f.name for f in fields(spec)}
-    return set(spec)
+        return Section({}, {f.name: field_check(f) for f in fields(spec)})
+    return Section({}, {k: ANY for k in spec})
 
 
 def load_config(path: str, schema: dict[str, Any]) -> dict[str, dict]:
-    """Read a YAML config of sections. `schema` maps section -> dict of defaults | dataclass type | None (free).
+    """Read a YAML config of sections. `schema` maps section -> Section | dict of defaults | dataclass type |
+    set of keys | None (free).
 
-    Dict sections are merged over their defaults. Unknown sections or keys raise ValueError naming the file, line
-    and key, so a typo never silently falls back to a default.
+    Dict sections are merged over their defaults (dataclass and set sections are not). Unknown sections or keys and
+    values of the wrong type or out of range raise ValueError naming the file, line and key, so a typo never silently
+    falls back to a default and a bad value fails before any work, not steps later.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
     raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping of sections ({', '.join(schema)}), got {type(raw).__name__}")
+
+    def where(section: str | None, key: str) -> str:
+        line = _key_line(path, section, key)
+        return f"{path}{f', line {line}' if line else ''}"
+
     out: dict[str, dict] = {}
     for section, body in raw.items():
         if section not in schema:
-            line = _key_line(path, None, section)
-            raise ValueError(f"{path}{f', line {line}' if line else ''}: unknown section {section!r} "
-                             f"(expected one of {sorted(schema)})")
+            raise ValueError(f"{where(None, section)}: unknown section {section!r} (expected one of {sorted(schema)})")
         if body is None:
             body = {}
         if not isinstance(body, dict):
-            raise ValueError(f"{path}: section {section!r} must be a mapping, got {type(body).__name__}")
-        allowed = _allowed_keys(schema[section])
-        for key in body:
-            if allowed is not None and key not in allowed:
-                line = _key_line(path, section, key)
-                raise ValueError(f"{path}{f', line {line}' if line else ''}: unknown key {key!r} in section "
-                                 f"{section!r} (allowed: {', '.join(sorted(allowed))})")
+            raise ValueError(f"{where(None, section)}: section {section!r} must be a mapping, got "
+                             f"{type(body).__name__}")
+        spec = _as_section(schema[section])
+        if spec is None:
+            continue
+        allowed = set(spec.defaults) | set(spec.checks)
+        for key, value in body.items():
+            if key not in allowed:
+                raise ValueError(f"{where(section, key)}: unknown key {key!r} in section {section!r} "
+                                 f"(allowed: {', '.join(sorted(allowed))})")
+            check = spec.checks.get(key) or _check_for_default(spec.defaults.get(key))
+            if check is not None and not check.ok(value):
+                raise ValueError(f"{where(section, key)}: {section}.{key} must be {check.wanted}, got {value!r}")
     for section, spec in schema.items():
         body = dict(raw.get(section) or {})
-        out[section] = {**spec, **body} if isinstance(spec, dict) else body
+        defaults = spec.defaults if isinstance(spec, Section) else spec if isinstance(spec, dict) else {}
+        out[section] = {**defaults, **body}
     return out

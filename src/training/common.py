@@ -25,12 +25,10 @@ import yaml
 
 from ..data.images import ImageLimits
 from ..data.tsv import check_tsv_path
-from ..utils import (DiskFullError, atomic_write, atomic_write_bytes, load_config, read_yaml,  # noqa: F401
-                     remove_stale_temp_files)
+from ..utils import (TRAIN_SEED, DiskFullError, atomic_write, atomic_write_bytes, load_config,  # noqa: F401
+                     read_yaml, remove_stale_temp_files)
 from .checkpoints import CheckpointManager  # noqa: F401  (re-exported)
 from .run_dir import RunLock, RunLockedError  # noqa: F401  (re-exported)
-
-SEED_LIMIT = 2**32  # train seeds: derived seeds (seed * 100003 + epoch, ...) must stay within torch's 64 bits
 
 # ----------------------------------------------------------------------------- options
 
@@ -84,8 +82,8 @@ class TrainOptions:
 
 
 def check_seed(seed, where: str) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"{where} must be an integer in [0, 2**32), got {seed!r}")
+    if not TRAIN_SEED.ok(seed):
+        raise ValueError(f"{where} must be {TRAIN_SEED.wanted}, got {seed!r}")
 
 
 def resume_command(opts: TrainOptions, max_minutes: float | None = None) -> str:

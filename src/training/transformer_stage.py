@@ -47,12 +47,6 @@ def resolve_config(opts: TrainOptions) -> dict:
     for key, value in (("batch_size", opts.batch_size), ("max_steps", opts.max_steps), ("seed", opts.seed)):
         if value is not None:
             train[key] = value
-    for key in ("batch_size", "grad_accum", "max_steps", "log_every", "val_every", "sample_every", "ckpt_every",
-                "keep_checkpoints", "val_batches"):
-        if not isinstance(train[key], int) or train[key] < 1:
-            raise ValueError(f"{opts.config}: train.{key} must be an integer >= 1, got {train[key]!r}")
-    if train["bf16"] not in (True, False, "auto"):
-        raise ValueError(f"{opts.config}: train.bf16 must be true, false or 'auto', got {train['bf16']!r}")
     try:
         check_mask_schedule(train["mask_schedule"])
     except ValueError as e:

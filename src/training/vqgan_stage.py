@@ -18,6 +18,7 @@ import torch
 from einops import rearrange
 from PIL import Image
 
+from ..utils import STRING, TRAIN_SEED, Section, integer, number, number_list, one_of
 from ..vqgan import VQGAN, VQGANConfig
 from ..vqgan.losses import LPIPS, NLayerDiscriminator, adaptive_generator_weight, hinge_d_loss
 from .codebook import CodebookMonitor
@@ -36,7 +37,24 @@ TRAIN_DEFAULTS = dict(batch_size=8, grad_accum=1, max_steps=10000, lr=None, base
                       ckpt_every=1000, keep_checkpoints=3, num_workers=0, usage_window=100, restart_after=None,
                       restart_draw="uniform", seed=0)
 DATA_DEFAULTS = dict(resolution=None, shuffle=True, shuffle_buffer=1024)
-SCHEMA = {"model": VQGANConfig, "loss": LOSS_DEFAULTS, "train": TRAIN_DEFAULTS, "data": DATA_DEFAULTS}
+# Types beyond what the defaults imply, and ranges: checked when the file is read (load_config names file, line, key).
+LOSS_CHECKS = {**{k: number(0) for k in ("l1_weight", "l2_weight", "perceptual_weight", "codebook_weight",
+                                          "disc_weight", "disc_factor")},
+               "lpips_vgg": STRING.or_none(), "lpips_lin": STRING.or_none(), "disc_start": integer(0),
+               "disc_num_layers": integer(1), "disc_ndf": integer(1)}
+TRAIN_CHECKS = {**{k: integer(1) for k in ("batch_size", "grad_accum", "max_steps", "log_every", "sample_every",
+                                            "val_images", "ckpt_every", "keep_checkpoints", "usage_window")},
+                "lr": number(0, lo_open=True).or_none("base_lr x global batch"), "base_lr": number(0, lo_open=True),
+                "lr_schedule": one_of("constant", "cosine"), "warmup_steps": integer(0), "min_lr": number(0),
+                "decay_steps": integer(1).or_none("max_steps"), "bf16": one_of(True, False, "auto"),
+                "ema_decay": number(0, 1, lo_open=True, hi_open=True).or_none("no EMA"),
+                "betas": number_list(2, number(0, 1, hi_open=True)),
+                "grad_clip": number(0, lo_open=True).or_none("no clipping"), "num_workers": integer(0),
+                "restart_after": integer(1).or_none("no restarts"), "seed": TRAIN_SEED}
+SCHEMA = {"model": VQGANConfig, "loss": Section(LOSS_DEFAULTS, LOSS_CHECKS),
+          "train": Section(TRAIN_DEFAULTS, TRAIN_CHECKS),
+          "data": Section(DATA_DEFAULTS, {"resolution": integer(1).or_none("model.resolution"),
+                                          "shuffle_buffer": integer(1)})}
 
 
 def resolve_config(opts: TrainOptions, world_size: int) -> dict:
@@ -55,8 +73,6 @@ def resolve_config(opts: TrainOptions, world_size: int) -> dict:
         train["seed"] = opts.seed
     if train["lr"] is None:  # taming: lr = base_lr x global batch
         train["lr"] = train["base_lr"] * train["batch_size"] * train["grad_accum"] * world_size
-    if train["lr_schedule"] not in ("constant", "cosine"):
-        raise ValueError(f"{opts.config}: train.lr_schedule must be 'constant' or 'cosine', got {train['lr_schedule']!r}")
     if cfg["data"]["resolution"] is None:
         cfg["data"]["resolution"] = cfg["model"].get("resolution", VQGANConfig().resolution)
     return cfg
@@ -153,8 +169,6 @@ def _train(opts: TrainOptions, info, TSVImageText) -> dict:
     cfg, resume_state = start_or_resume(opts, ckpts, lambda: resolve_config(opts, info.world_size))
     mcfg, lcfg, tcfg, dcfg = cfg["model"], cfg["loss"], cfg["train"], cfg["data"]
     ckpts.keep_last = tcfg["keep_checkpoints"]
-    if tcfg["grad_accum"] < 1:
-        raise ValueError(f"train.grad_accum must be >= 1, got {tcfg['grad_accum']}")
     seed = tcfg["seed"]
 
     set_seed(seed)

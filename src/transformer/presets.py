@@ -12,7 +12,8 @@ import os
 from dataclasses import fields
 from typing import Any, Optional, Union
 
-from ..utils import load_config
+from ..utils import TRAIN_SEED, Check, Section, integer, load_config, number, number_list, one_of
+from ..utils import field_check as _field_check
 from .config import GeneratorConfig
 from .kinds import CONFIG_CLASSES
 
@@ -42,9 +43,31 @@ DATA_DEFAULTS: dict[str, Any] = dict(resolution=None, shuffle=True)  # resolutio
 # rows trained too (the pieces of these words, for words the base never learned).
 LORA_DEFAULTS: dict[str, Any] = dict(rank=None, alpha=None, targets=["attn", "mlp"], words=[])
 MODEL_KEYS = {"kind", "preset"} | {f.name for cls in CONFIG_CLASSES.values() for f in fields(cls)}
+# Types beyond what the defaults imply, and ranges: checked when the file is read (load_config names file, line, key).
+TRAIN_CHECKS: dict[str, Check] = {
+    **{k: integer(1) for k in ("batch_size", "grad_accum", "max_steps", "log_every", "val_every", "sample_every",
+                                "ckpt_every", "keep_checkpoints", "val_batches", "cache_batch_size")},
+    "lr": number(0, lo_open=True), "min_lr": number(0), "warmup_steps": integer(0), "weight_decay": number(0),
+    "betas": number_list(2, number(0, 1, hi_open=True)), "grad_clip": number(0, lo_open=True).or_none("no clipping"),
+    "bf16": one_of(True, False, "auto"), "label_smoothing": number(0, 1, hi_open=True), "num_workers": integer(0),
+    "seed": TRAIN_SEED, "decay_steps": integer(1).or_none("max_steps"), "sample_images": integer(1),
+}
+SAMPLE_CHECKS: dict[str, Check] = {
+    "steps": integer(1), "guidance_scale": number(0), "top_k": integer(1).or_none("no top-k"),
+    "top_p": number(0, 1, lo_open=True).or_none("no top-p"), "temperature": number(0, lo_open=True),
+    "choice_temperature": number(0),
+}
+MODEL_CHECKS: dict[str, Check] = {
+    **{f.name: _field_check(f) for cls in CONFIG_CLASSES.values() for f in fields(cls)},
+    "kind": one_of(*CONFIG_CLASSES), "preset": one_of(*PRESETS),
+}
 # The one schema of a transformer YAML, for load_transformer_yaml and the training stage alike.
-CONFIG_SCHEMA: dict[str, Any] = {"model": MODEL_KEYS, "tokenizer": TOKENIZER_DEFAULTS, "train": TRAIN_DEFAULTS,
-                                 "sample": SAMPLE_DEFAULTS, "data": DATA_DEFAULTS, "lora": LORA_DEFAULTS}
+CONFIG_SCHEMA: dict[str, Any] = {
+    "model": Section({}, MODEL_CHECKS), "tokenizer": Section(TOKENIZER_DEFAULTS, {"vocab_size": integer(4)}),
+    "train": Section(TRAIN_DEFAULTS, TRAIN_CHECKS), "sample": Section(SAMPLE_DEFAULTS, SAMPLE_CHECKS),
+    "data": Section(DATA_DEFAULTS, {"resolution": integer(1).or_none("the VQGAN's")}),
+    "lora": Section(LORA_DEFAULTS, {"rank": integer(1).or_none("train the whole model"),
+                                    "alpha": number(0, lo_open=True).or_none("the rank")})}
 
 
 def load_transformer_yaml(path: Union[str, os.PathLike]) -> dict[str, Any]:

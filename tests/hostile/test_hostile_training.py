@@ -226,8 +226,8 @@ def test_resume_with_max_steps_below_the_checkpoint_is_an_error(setup, tmp_path,
     ("--max-minutes", "nan", "--max-minutes must be a positive number of minutes, got nan"),
     ("--max-minutes", "inf", "--max-minutes must be a positive number of minutes, got inf"),
     ("--max-minutes", "0", "--max-minutes must be a positive number of minutes"),
-    ("--seed", str(2**64), "--seed must be an integer in [0, 2**32), got 18446744073709551616"),
-    ("--seed", "-1", "--seed must be an integer in [0, 2**32), got -1"),
+    ("--seed", str(2**64), "--seed must be an integer in [0, 4294967296), got 18446744073709551616"),
+    ("--seed", "-1", "--seed must be an integer in [0, 4294967296), got -1"),
 ])
 def test_bad_flags_fail_before_any_work(setup, tmp_path, capsys, flag, value, message):
     out = tmp_path / "run"
