@@ -99,7 +99,8 @@ _lenient_pickle.load = lambda f, **kw: _LenientUnpickler(f, **kw).load()
 
 _REFUSED_OBJECT = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL|Unsupported class)\s+([\w.]+)")
 # torch's preamble and advice around a weights-only refusal (it suggests weights_only=False: never repeat that)
-_TORCH_NOISE = ("Weights only load failed", "In PyTorch 2.6", "Re-running", "Please file an issue", "Check the documentation")
+_TORCH_NOISE = ("Weights only load failed", "In PyTorch 2.6", "Re-running", "Please file an issue",
+                "Check the documentation")
 
 
 def read_torch_checkpoint(path: PathLike, allow_unsafe_pickle: bool = False, map_location="cpu") -> Mapping:

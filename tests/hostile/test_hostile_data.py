@@ -150,7 +150,8 @@ EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 
 
 
 @pytest.mark.parametrize("name, data, message", [
-    ("100 Mpx header", _png_claiming_size(10000, 10000), r"10000x10000 pixels \(100\.0 Mpx\) is over the cap of 40 Mpx"),
+    ("100 Mpx header", _png_claiming_size(10000, 10000),
+     r"10000x10000 pixels \(100\.0 Mpx\) is over the cap of 40 Mpx"),
     ("50 Mpx header", _png_claiming_size(10000, 5000), r"over the cap of 40 Mpx"),
     ("EPS (runs Ghostscript)", EPS, r"not an image in an accepted format \(PNG, JPEG"),
 ], ids=["100 Mpx", "50 Mpx", "EPS"])

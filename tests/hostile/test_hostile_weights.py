@@ -30,7 +30,8 @@ TORCH_REFUSALS = {
            "execution. Do it only if you got the file from a trusted source.\n\t(2) Alternatively, to load with "
            "`weights_only=True` please check the recommended steps in the following error message.\n\tWeightsUnpickler "
            "error: Unsupported global: GLOBAL posix.system was not an allowed global by default. Please use "
-           "`torch.serialization.add_safe_globals([system])` to allowlist this global if you trust this class/function.",
+           "`torch.serialization.add_safe_globals([system])` to allowlist this global if you trust this "
+           "class/function.",
     "this torch": None,  # the real thing
 }
 
