@@ -55,7 +55,8 @@ class DiskFullError(OSError):
         return self.strerror
 
 
-_TEMP_NAME = re.compile(r"^\..+\.[0-9a-z_]{8}\.tmp$")  # temp_path_for (and tempfile.mkstemp's names before it)
+# temp_path_for's names (and tempfile.mkstemp's, used before it), and the `NAME.tmpPID` of older token caches
+_TEMP_NAME = re.compile(r"^(\..+\.[0-9a-z_]{8}\.tmp|.+\.tmp\d+)$")
 
 
 def temp_path_for(path: PathLike) -> str:

@@ -89,7 +89,7 @@ def test_bad_yaml_is_reported_with_the_file(tmp_path):
     cfg = load_transformer_yaml(bad)
     assert cfg["train"]["seed"] == 3 and cfg["data"] == {"resolution": None, "shuffle": False}
     bad.write_text("model:\n  kind: vae\n")
-    with pytest.raises(ValueError, match="bad.yaml: model.kind must be one of"):
+    with pytest.raises(ValueError, match=r"bad.yaml, line 2: model.kind must be one of"):
         load_transformer_yaml(bad)
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
         load_transformer_yaml(tmp_path / "missing.yaml")

@@ -44,12 +44,12 @@ LOSS_CHECKS = {**{k: number(0) for k in ("l1_weight", "l2_weight", "perceptual_w
                "disc_num_layers": integer(1), "disc_ndf": integer(1)}
 TRAIN_CHECKS = {**{k: integer(1) for k in ("batch_size", "grad_accum", "max_steps", "log_every", "sample_every",
                                             "val_images", "ckpt_every", "keep_checkpoints", "usage_window")},
-                "lr": number(0, lo_open=True).or_none("base_lr x global batch"), "base_lr": number(0, lo_open=True),
+                "lr": number(0).or_none("base_lr x global batch"), "base_lr": number(0),
                 "lr_schedule": one_of("constant", "cosine"), "warmup_steps": integer(0), "min_lr": number(0),
                 "decay_steps": integer(1).or_none("max_steps"), "bf16": one_of(True, False, "auto"),
                 "ema_decay": number(0, 1, lo_open=True, hi_open=True).or_none("no EMA"),
                 "betas": number_list(2, number(0, 1, hi_open=True)),
-                "grad_clip": number(0, lo_open=True).or_none("no clipping"), "num_workers": integer(0),
+                "grad_clip": number(0).or_none("0 or null: no clipping"), "num_workers": integer(0),
                 "restart_after": integer(1).or_none("no restarts"), "seed": TRAIN_SEED}
 SCHEMA = {"model": VQGANConfig, "loss": Section(LOSS_DEFAULTS, LOSS_CHECKS),
           "train": Section(TRAIN_DEFAULTS, TRAIN_CHECKS),

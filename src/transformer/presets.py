@@ -47,8 +47,8 @@ MODEL_KEYS = {"kind", "preset"} | {f.name for cls in CONFIG_CLASSES.values() for
 TRAIN_CHECKS: dict[str, Check] = {
     **{k: integer(1) for k in ("batch_size", "grad_accum", "max_steps", "log_every", "val_every", "sample_every",
                                 "ckpt_every", "keep_checkpoints", "val_batches", "cache_batch_size")},
-    "lr": number(0, lo_open=True), "min_lr": number(0), "warmup_steps": integer(0), "weight_decay": number(0),
-    "betas": number_list(2, number(0, 1, hi_open=True)), "grad_clip": number(0, lo_open=True).or_none("no clipping"),
+    "lr": number(0), "min_lr": number(0), "warmup_steps": integer(0), "weight_decay": number(0),
+    "betas": number_list(2, number(0, 1, hi_open=True)), "grad_clip": number(0).or_none("0 or null: no clipping"),
     "bf16": one_of(True, False, "auto"), "label_smoothing": number(0, 1, hi_open=True), "num_workers": integer(0),
     "seed": TRAIN_SEED, "decay_steps": integer(1).or_none("max_steps"), "sample_images": integer(1),
 }

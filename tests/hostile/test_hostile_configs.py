@@ -38,7 +38,7 @@ def write(path, base, section, key, value):
 
 CASES = [  # (stage, section, key, value, what the message says is wanted)
     ("vqgan", "train", "max_steps", "10", "an integer >= 1"),
-    ("vqgan", "train", "lr", "fast", "a number > 0, or null"),
+    ("vqgan", "train", "lr", "fast", "a number >= 0, or null"),
     ("vqgan", "train", "log_every", "25", "an integer >= 1"),
     ("vqgan", "train", "ckpt_every", 0, "an integer >= 1"),
     ("vqgan", "train", "seed", 2**64, "an integer in [0, 4294967296)"),
@@ -51,7 +51,7 @@ CASES = [  # (stage, section, key, value, what the message says is wanted)
     ("vqgan", "model", "ch_mult", "1,2", "a list of integers"),
     ("vqgan", "data", "resolution", 0, "an integer >= 1, or null"),
     ("transformer", "train", "max_steps", "10", "an integer >= 1"),
-    ("transformer", "train", "lr", "fast", "a number > 0"),
+    ("transformer", "train", "lr", -0.1, "a number >= 0"),
     ("transformer", "train", "log_every", "25", "an integer >= 1"),
     ("transformer", "train", "ckpt_every", 0, "an integer >= 1"),
     ("transformer", "train", "warmup_steps", -5, "an integer >= 0"),
@@ -83,7 +83,7 @@ def test_a_bad_value_names_file_line_and_key_before_any_work(tmp_path, capsys, s
 
 @pytest.mark.parametrize("section, key, value, wanted", [
     ("train", "batch_size", 2.5, "an integer >= 1"), ("model", "preset", "huge", "one of gpt_base"),
-    ("train", "grad_clip", -1, "a number > 0, or null"),
+    ("train", "grad_clip", -1, "a number >= 0, or null"),
 ])
 def test_load_transformer_yaml_applies_the_same_checks(tmp_path, section, key, value, wanted):
     config, line = write(tmp_path / "cfg.yaml", TRANSFORMER, section, key, value)

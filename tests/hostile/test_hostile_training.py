@@ -160,7 +160,7 @@ def test_temp_files_of_interrupted_writes_are_removed_at_start(setup, tmp_path, 
     out = tmp_path / "run"
     assert train(setup, out, "--max-steps", "1") == 0
     stray = [out / "checkpoints" / ".step_00000002.pt.1a2b3c4d.tmp", out / ".model.safetensors.k3j_x9ab.tmp",
-             out / "cache" / "train" / ".image_ids.u16.0f0f0f0f.tmp"]
+             out / "cache" / "train" / ".image_ids.u16.0f0f0f0f.tmp", out / "cache" / "train" / "text_ids.i32.tmp4242"]
     for path in stray:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"\0" * 1024)
