@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from tokenpaint.pipeline import DTYPES, EDIT_MODES, Pipeline, make_grid, validate_options
+from tokenpaint.pipeline import DTYPES, EDIT_MODES, Pipeline, check_run_dir, make_grid, validate_options
 from tokenpaint.transformer.lora import DEFAULT_SCALE as DEFAULT_LORA_SCALE
 
 
@@ -58,22 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(parser: argparse.ArgumentParser, args) -> tuple[list[tuple[str, str]], str]:
     """Every check that needs no model weights; returns ([(idx, text)], generator kind)."""
     config = Path(args.model) / "config.json"
-    if not Path(args.model).is_dir():
-        parser.error(f"--model: directory {args.model} does not exist")
-    if not config.is_file():
-        parser.error(f"--model: {config} not found (is {args.model} a transformer run directory?)")
+    try:
+        check_run_dir(args.model)
+    except FileNotFoundError as e:
+        parser.error(f"--model: {e}")
     try:
         kind = json.loads(config.read_text(encoding="utf-8")).get("kind")
         validate_options(num_images=args.num_images, batch_size=args.batch_size, steps=args.steps,
                          guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p,
-                         temperature=args.temperature, strength=args.strength)
+                         temperature=args.temperature, strength=args.strength, seed=args.seed)
     except ValueError as e:
         parser.error(f"--{str(e).split(' ')[0].replace('_', '-')}: {e}" if " must " in str(e) else str(e))
-    if str(args.device).startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            parser.error(f"--device {args.device}: CUDA is not available on this machine")
+    check_device(parser, args.device)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     args.lora = [parse_lora(parser, spec) for spec in args.lora]
@@ -83,6 +79,7 @@ def check_args(parser: argparse.ArgumentParser, args) -> tuple[list[tuple[str, s
     for flag, path in (("--init-image", args.init_image), ("--mask", args.mask), ("--input", args.input)):
         if path and not os.path.isfile(path):
             parser.error(f"{flag}: file {path} does not exist")
+    check_images(parser, args)
     if args.init_image:
         args.edit_mode = args.edit_mode or ("inpaint" if args.mask else "img2img" if kind == "mim" else "continue")
         if args.edit_mode == "inpaint" and not args.mask:
@@ -100,7 +97,80 @@ def check_args(parser: argparse.ArgumentParser, args) -> tuple[list[tuple[str, s
             parser.error(f"--input: {e}")
         if not prompts:
             parser.error(f"--input: {args.input} holds no prompts")
+    try:  # image i of the request uses seed + i
+        validate_options(seed=args.seed, num_seeds=len(prompts) * args.num_images)
+    except ValueError as e:
+        parser.error(f"--seed: {e}")
     return prompts, kind
+
+
+def check_device(parser: argparse.ArgumentParser, device: str) -> None:
+    """--device names a device this machine has: cpu, cuda[:N] or mps."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        parser.error(f"--device {device}: not a device (expected cpu, cuda, cuda:N or mps)")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(f"--device {device}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            parser.error(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            parser.error(f"--device {device}: MPS is not available on this machine")
+    elif dev.type != "cpu":
+        parser.error(f"--device {device}: not a device to generate on (expected cpu, cuda, cuda:N or mps)")
+
+
+def check_images(parser: argparse.ArgumentParser, args) -> None:
+    """--init-image and --mask are images (under the data limits: formats, pixels, file size) of the same size."""
+    from tokenpaint.data.images import ImageLimits, decode_image, read_regular_file
+
+    limits, sizes = ImageLimits(allow_outside_paths=True), {}
+    for flag, path in (("--init-image", args.init_image), ("--mask", args.mask)):
+        if path:
+            try:
+                sizes[flag] = decode_image(read_regular_file(path, limits.max_file_bytes), limits).size
+            except (OSError, ValueError, SyntaxError) as e:
+                parser.error(f"{flag} {path}: not a usable image ({e})")
+    if "--mask" in sizes and "--init-image" in sizes and sizes["--mask"] != sizes["--init-image"]:
+        (mw, mh), (iw, ih) = sizes["--mask"], sizes["--init-image"]
+        parser.error(f"--mask {args.mask} is {mw}x{mh} pixels, --init-image {args.init_image} is {iw}x{ih}: they "
+                     f"must be the same size")
+
+
+def output_paths(args) -> tuple[str | None, str | None]:
+    """(folder of the PNGs or None, the grid's path or None)."""
+    out_dir = args.out_dir or (None if args.output else "outputs")
+    grid = None
+    if args.grid:
+        grid = os.path.join(out_dir, "grid.png") if out_dir else str(Path(args.output).with_suffix(".grid.png"))
+    return out_dir, grid
+
+
+def check_outputs(parser: argparse.ArgumentParser, args) -> None:
+    """Every output location can be written, checked before any sampling (a folder is created, a probe file written
+    and removed), so that no generated image is lost to a bad path at the end."""
+    import tempfile
+
+    out_dir, _ = output_paths(args)
+    if args.output and os.path.isdir(args.output):
+        parser.error(f"--output {args.output} is a folder; expected a file name such as out.tsv")
+    folders = [("--out-dir", out_dir), ("--output", os.path.dirname(os.path.abspath(args.output)) if args.output
+                                        else None)]
+    for flag, folder in folders:
+        if folder is None:
+            continue
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            parser.error(f"{flag}: {folder} is a file, not a folder")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as e:
+            parser.error(f"{flag}: cannot write to {folder}: {e.strerror or e}")
 
 
 def parse_lora(parser: argparse.ArgumentParser, spec: str) -> tuple[str, float]:
@@ -121,7 +191,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     prompts, _ = check_args(parser, args)
-    out_dir = args.out_dir or (None if args.output else "outputs")
+    check_outputs(parser, args)
+    out_dir, grid_path = output_paths(args)
 
     if args.threads is not None:
         import torch
@@ -154,8 +225,7 @@ def main(argv=None) -> int:
             safe_idx = idx.replace(os.sep, "_")
             for k, image in enumerate(row):
                 image.save(os.path.join(out_dir, f"{safe_idx}_{k}.png"))
-    if args.grid:
-        grid_path = os.path.join(out_dir, "grid.png") if out_dir else str(Path(args.output).with_suffix(".grid.png"))
+    if grid_path:
         make_grid(images, columns=n).save(grid_path)
     if args.output:
         from tokenpaint.data import write_output_tsv

@@ -36,23 +36,41 @@ EDIT_MODES = ("inpaint", "outpaint", "img2img", "continue")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2**64); image i of a request uses seed + i
+MAX_IMAGES_PER_PROMPT = 10_000
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def validate_options(*, num_images=1, batch_size=1, steps=None, guidance_scale=None, top_k=None, top_p=None,
-                     temperature=None, strength=None, mode=None) -> None:
-    """Raise ValueError naming the first bad argument; None means "use the default" and is always fine."""
+                     temperature=None, strength=None, mode=None, seed=None, num_seeds: int = 1) -> None:
+    """Raise ValueError naming the first bad argument; None means "use the default" and is always fine.
+    `seed` must leave room for `num_seeds` consecutive seeds (image i uses seed + i)."""
     checks = [
-        ("num_images", num_images, lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-        ("batch_size", batch_size, lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-        ("steps", steps, lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-        ("guidance_scale", guidance_scale, lambda v: v >= 0, ">= 0 (1 = no guidance)"),
-        ("top_k", top_k, lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-        ("top_p", top_p, lambda v: 0 <= v <= 1, "in [0, 1] (0 = only the most likely id)"),
-        ("temperature", temperature, lambda v: v > 0, "> 0"),
-        ("strength", strength, lambda v: 0 < v <= 1, "in (0, 1]"),
+        ("num_images", num_images, lambda v: _int(v) and 1 <= v <= MAX_IMAGES_PER_PROMPT,
+         f"an integer in [1, {MAX_IMAGES_PER_PROMPT}]"),
+        ("batch_size", batch_size, lambda v: _int(v) and v >= 1, "an integer >= 1"),
+        ("steps", steps, lambda v: _int(v) and v >= 1, "an integer >= 1"),
+        ("guidance_scale", guidance_scale, lambda v: _number(v) and v >= 0, "a finite number >= 0 (1 = no guidance)"),
+        ("top_k", top_k, lambda v: _int(v) and v >= 1, "an integer >= 1"),
+        ("top_p", top_p, lambda v: _number(v) and 0 <= v <= 1, "in [0, 1] (0 = only the most likely id)"),
+        ("temperature", temperature, lambda v: _number(v) and v > 0, "a finite number > 0"),
+        ("strength", strength, lambda v: _number(v) and 0 < v <= 1, "in (0, 1]"),
         ("mode", mode, lambda v: v in EDIT_MODES, f"one of {list(EDIT_MODES)}"),
+        ("seed", seed, lambda v: _int(v) and 0 <= v < SEED_LIMIT, "an integer in [0, 2**64)"),
     ]
     for name, value, ok, wanted in checks:
         if value is not None and not ok(value):
             raise ValueError(f"{name} must be {wanted}, got {value!r}")
+    if seed is not None and seed + num_seeds > SEED_LIMIT:
+        raise ValueError(f"seed must leave room for the {num_seeds} images of the request (image i uses seed + i, "
+                         f"below 2**64): at most {SEED_LIMIT - num_seeds}, got {seed}")
 
 
 def read_sample_defaults(path: Path) -> dict:
@@ -72,6 +90,22 @@ def read_sample_defaults(path: Path) -> dict:
     except ValueError as e:
         raise ValueError(f"{path}: section 'sample': {e}") from None
     return defaults
+
+
+RUN_DIR_FILES = ("config.json", "model.safetensors", "tokenizer.model", "vqgan/config.json")
+
+
+def check_run_dir(run_dir) -> Path:
+    """The run directory as a Path if it holds what from_pretrained reads (RUN_DIR_FILES), else FileNotFoundError
+    naming what is missing: checked before any weights are loaded."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"model directory {run_dir} does not exist")
+    missing = [name for name in RUN_DIR_FILES if not (run_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"model directory {run_dir} has no {', '.join(missing)} (is it a `train.py "
+                                f"transformer` run directory?)")
+    return run_dir
 
 
 def to_pil(x: torch.Tensor) -> Image.Image:
@@ -146,12 +180,7 @@ class Pipeline:
         from .transformer import load_generator
         from .vqgan import VQGAN
 
-        run_dir = Path(run_dir)
-        if not run_dir.is_dir():
-            raise FileNotFoundError(f"model directory {run_dir} does not exist")
-        for needed in ("config.json", "model.safetensors", "tokenizer.model", "vqgan"):
-            if not (run_dir / needed).exists():
-                raise FileNotFoundError(f"model directory {run_dir} has no {needed} (is it a transformer run?)")
+        run_dir = check_run_dir(run_dir)
         if isinstance(dtype, str):
             if dtype not in DTYPES:
                 raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -222,9 +251,7 @@ class Pipeline:
                      use_kv_cache: bool = True, progress: bool = False) -> torch.Tensor:
         """Like __call__ but returns the image ids long [len(prompts) * num_images, h, w]."""
         prompts = _as_prompt_list(prompts)
-        validate_options(num_images=num_images)
-        if not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+        validate_options(num_images=num_images, seed=seed, num_seeds=len(prompts) * num_images)
         negatives = negative_prompt
         if negative_prompt is not None and not isinstance(negative_prompt, str):  # one per prompt -> one per row
             negatives = _as_prompt_list(negative_prompt, "negative_prompt")
@@ -245,6 +272,8 @@ class Pipeline:
         prompts = _as_prompt_list(prompts)
         if len(seeds) != len(prompts):
             raise ValueError(f"seeds: got {len(seeds)} seeds for {len(prompts)} prompts")
+        for seed in seeds:
+            validate_options(seed=seed)
         validate_options(batch_size=batch_size, steps=steps, guidance_scale=guidance_scale, top_k=top_k, top_p=top_p,
                          temperature=temperature)
         options = self._options(steps, guidance_scale, top_k, top_p, temperature, use_kv_cache)
@@ -290,7 +319,8 @@ class Pipeline:
         Returns image ids long [num_images, h, w].
         """
         validate_options(num_images=num_images, batch_size=batch_size, steps=steps, guidance_scale=guidance_scale,
-                         top_k=top_k, top_p=top_p, temperature=temperature, strength=strength, mode=mode)
+                         top_k=top_k, top_p=top_p, temperature=temperature, strength=strength, mode=mode, seed=seed,
+                         num_seeds=num_images)
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
         image = _open_image(image, "image").convert("RGB")
@@ -372,8 +402,6 @@ class Pipeline:
         return self.encode_text(negatives)
 
     def _generators(self, seed: int, indices) -> list[torch.Generator]:
-        if not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
         return self._seeded_generators([seed + i for i in indices])
 
     def _seeded_generators(self, seeds) -> list[torch.Generator]:

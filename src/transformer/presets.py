@@ -54,7 +54,7 @@ TRAIN_CHECKS: dict[str, Check] = {
 }
 SAMPLE_CHECKS: dict[str, Check] = {
     "steps": integer(1), "guidance_scale": number(0), "top_k": integer(1).or_none("no top-k"),
-    "top_p": number(0, 1, lo_open=True).or_none("no top-p"), "temperature": number(0, lo_open=True),
+    "top_p": number(0, 1).or_none("no top-p"), "temperature": number(0, lo_open=True),
     "choice_temperature": number(0),
 }
 MODEL_CHECKS: dict[str, Check] = {

@@ -99,7 +99,7 @@ def test_null_where_null_means_something_and_ints_for_floats_are_accepted(tmp_pa
 
 
 @pytest.mark.parametrize("key, value, wanted", [
-    ("top_p", 2.0, "a number in (0, 1], or null"), ("top_k", 0, "an integer >= 1, or null"),
+    ("top_p", 2.0, "a number in [0, 1], or null"), ("top_k", 0, "an integer >= 1, or null"),
     ("temperature", 0, "a number > 0"), ("steps", 1.5, "an integer >= 1"),
     ("guidance_scale", float("inf"), "a number >= 0"),
 ])
