@@ -254,7 +254,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(data, t
         out_one = VQGAN.from_pretrained(str(tmp_path / "one"))(x)[0]
         out_two = VQGAN.from_pretrained(str(tmp_path / "two"))(x)[0]
     # Weights agree to 1e-4; through the whole decoder the float noise of the two reduction orders grows to ~1.1e-4,
-    # while a wrong gradient average (sum instead of mean, one rank's batch only) moves outputs by ~1e-2.
+    # a real DDP mistake (summed instead of averaged gradients, one rank's batch only) shows in the weights above.
     assert torch.allclose(out_one, out_two, atol=5e-4)
     steps = [m["step"] for m in read_metrics(tmp_path / "two")]
     assert steps == [1, 2, 3]  # rank 0 alone writes
