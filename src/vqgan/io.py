@@ -278,8 +278,9 @@ def load_vqgan(path: PathLike, allow_unsafe_pickle: bool = False, map_location="
         if not (path / CONFIG_NAME).is_file() and (path / "vqvae" / CONFIG_NAME).is_file():
             path = path / "vqvae"  # a diffusers pipeline (aMUSEd) keeps its VQ model there
         config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
-        if config_path.is_file() and (
-                "_class_name" in read_json_object(config_path) or (path / formats.DIFFUSERS_WEIGHTS).is_file()):
+        diffusers_weights = [path / formats.DIFFUSERS_WEIGHTS, (path / formats.DIFFUSERS_WEIGHTS).with_suffix(".bin")]
+        if config_path.is_file() and ("_class_name" in read_json_object(config_path) or (
+                not weights_path.is_file() and any(p.is_file() for p in diffusers_weights))):
             model = load_diffusers_directory(path)
         else:
             for p in (config_path, weights_path):
