@@ -39,6 +39,7 @@ from _common import machine_info  # noqa: E402
 from tokenpaint import Pipeline  # noqa: E402
 from tokenpaint.data import caption, iter_rows, make_demo_dataset, random_attributes  # noqa: E402
 from tokenpaint.data.demo import COLOR_ZH, PALETTE  # noqa: E402
+from tokenpaint.resources import config_path  # noqa: E402
 from tokenpaint.utils import read_yaml  # noqa: E402
 from tokenpaint.demo import judge, prepare_tokenizer, summarize_verdicts  # noqa: E402
 from tokenpaint.training.common import CheckpointManager  # noqa: E402
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vqgan-steps", type=int, default=700)
     p.add_argument("--base-steps", type=int, default=1600)
     p.add_argument("--lora-steps", type=int, default=600)
-    p.add_argument("--lora-config", default=os.path.join(ROOT, "configs", "demo", "mim_lora.yaml"))
+    p.add_argument("--lora-config", default=str(config_path("demo", "mim_lora.yaml")))
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--scales", type=float, nargs="+", default=[0.8, 1.0],
                    help="adapter scales to judge; the targets are checked at the first")
@@ -175,12 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     vqgan_dir, base_dir, lora_dir = (os.path.join(args.out, name) for name in ("vqgan", "base", "lora"))
     train("vqgan", vqgan_dir, args.vqgan_steps, args.threads,
           ["--data", data["full"], "--val", data["full_val"], "--config",
-           os.path.join(ROOT, "configs", "demo", "vqgan.yaml"), "--seed", str(args.seed)])
+           str(config_path("demo", "vqgan.yaml")), "--seed", str(args.seed)])
     if args.stop_after == "vqgan":
         return 0
     train("transformer", base_dir, args.base_steps, args.threads,
           ["--data", data["base"], "--val", data["base_val"], "--vqgan", vqgan_dir, "--tokenizer", data["tokenizer"],
-           "--config", os.path.join(ROOT, "configs", "demo", "mim.yaml"), "--seed", str(args.seed)])
+           "--config", str(config_path("demo", "mim.yaml")), "--seed", str(args.seed)])
     if args.stop_after == "base":
         return 0
     train("transformer", lora_dir, args.lora_steps, args.threads,

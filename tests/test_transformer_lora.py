@@ -137,3 +137,17 @@ def test_wrong_base_names_both_hashes_and_other_errors(tmp_path):
         LoRAAdapter.load(tmp_path / "a")
     with pytest.raises(ValueError, match="rank must be an integer >= 1"):
         LoRAAdapter.create(model, rank=0)
+
+
+def test_shipped_demo_lora_config_stays_under_5_percent_of_the_demo_model():
+    from tokenpaint.resources import config_path
+    from tokenpaint.transformer import load_transformer_yaml, model_config_from_yaml
+    from tokenpaint.transformer.kinds import generator_class
+
+    lora = load_transformer_yaml(config_path("demo", "mim_lora.yaml"))["lora"]
+    base_cfg = model_config_from_yaml(load_transformer_yaml(config_path("demo", "mim.yaml")), text_vocab_size=400,
+                                      codebook_size=1024, image_size=8)
+    model = generator_class("mim")(base_cfg)
+    adapter = LoRAAdapter.create(model, lora["rank"], lora["alpha"], lora["targets"], text_ids=[5, 6])
+    n_adapter = sum(t.numel() for t in adapter.tensors().values())
+    assert 0.01 < n_adapter / model.num_params() <= 0.05
