@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from tokenpaint.pipeline import DTYPES, EDIT_MODES, Pipeline, check_run_dir, make_grid, validate_options
-from tokenpaint.transformer.lora import DEFAULT_SCALE as DEFAULT_LORA_SCALE
+from tokenpaint.transformer.lora import parse_lora_spec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,13 +175,10 @@ def check_outputs(parser: argparse.ArgumentParser, args) -> None:
 
 def parse_lora(parser: argparse.ArgumentParser, spec: str) -> tuple[str, float]:
     """--lora PATH[:SCALE] -> (path, scale); the path must exist."""
-    path, scale = spec, DEFAULT_LORA_SCALE
-    head, sep, tail = spec.rpartition(":")
-    if sep and not os.path.exists(spec):
-        try:
-            path, scale = head, float(tail)
-        except ValueError:
-            parser.error(f"--lora {spec}: the scale after ':' must be a number, got {tail!r}")
+    try:
+        path, scale = parse_lora_spec(spec)
+    except ValueError as e:
+        parser.error(f"--lora {e}")
     if not os.path.exists(path):
         parser.error(f"--lora {spec}: no LoRA adapter at {path}")
     return path, scale

@@ -10,6 +10,7 @@ prompts of the request.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -221,6 +222,25 @@ class Pipeline:
         if self._lora is None:
             return {}
         return {name: scale for name, (_, scale) in {**self._lora.fused, **self._lora.adapters}.items()}
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        """Change the scale of a loaded (not fused) adapter; 0 turns it off."""
+        if self._lora is None:
+            raise ValueError(f"no LoRA named {name!r} is loaded (load_lora first)")
+        self._lora.set_scale(name, scale)
+
+    @contextlib.contextmanager
+    def lora_scales(self, scales: dict):
+        """Within the block, the named adapters use these scales (the others keep theirs); restored afterwards."""
+        before = self.loras
+        try:
+            for name, scale in scales.items():
+                self.set_lora_scale(name, scale)
+            yield self
+        finally:
+            for name in scales:
+                if name in before and self._lora is not None and name in self._lora.adapters:
+                    self._lora.set_scale(name, before[name])
 
     def fuse_lora(self) -> "Pipeline":
         """Fold the loaded adapters into the generator's weights (sampling then costs what the base costs);

@@ -85,7 +85,7 @@ def images_job(state: ServerState, req: ImagesRequest):
     if not prompts:
         raise RequestError(422, "prompts must hold at least one prompt", "prompts")
     options = resolve_options(pipe, {k: getattr(req, k) for k in ("steps", "guidance_scale", "top_k", "top_p",
-                                                                   "temperature")})
+                                                                   "temperature", "lora")})
     edit = None
     if req.image is not None:
         if len(prompts) != 1:

@@ -2,6 +2,7 @@
 
     python -m tokenpaint.serve --model demo/mim                 # http://127.0.0.1:7860/ (page), /docs (API)
     python -m tokenpaint.serve --model runs/t2i --listen --port 8000 --api-auth me:secret --no-ui
+    python -m tokenpaint.serve --model runs/t2i --lora runs/my_lora:0.8     # POST /v1/images {"lora": {"my_lora": 0.5}}
 
 Binds 127.0.0.1 unless --listen is given (then every interface, as the Stable Diffusion web UI does). SIGTERM or
 Ctrl-C stops accepting connections, finishes the requests in flight and exits 0.
@@ -39,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
     p.add_argument("--api-auth", metavar="USER:PASS", help="HTTP Basic auth on the API and the page")
     p.add_argument("--no-ui", action="store_true", help="serve the API only, without the web page at /")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="load a LoRA adapter (a `train.py transformer --lora` run) at SCALE (default 0.8), applied to "
+                        "every request; a request's `lora` field ({name: scale}, name = the directory's name) changes "
+                        "the scales for that request (0 = off). Repeat to load several")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="cast the generator once (float32, bfloat16, float16)")
     return p
@@ -77,6 +82,7 @@ def main(argv=None) -> int:
     import torch
 
     from ..pipeline import Pipeline
+    from ..transformer.lora import parse_lora_spec
     from .app import create_app
 
     if args.threads:
@@ -85,6 +91,11 @@ def main(argv=None) -> int:
         pipe = Pipeline.from_pretrained(model, device=args.device, dtype=args.dtype)
     except (FileNotFoundError, ValueError) as e:
         parser.error(f"--model: {e}")
+    for spec in args.lora:
+        try:
+            pipe.load_lora(*parse_lora_spec(spec))
+        except (FileNotFoundError, ValueError) as e:
+            parser.error(f"--lora {spec}: {e}")
     app = create_app(pipe, settings, model_dir=model, ui=not args.no_ui)
     host = "0.0.0.0" if args.listen else args.host
     shown = "<this machine's address>" if args.listen else host

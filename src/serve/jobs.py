@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Optional
@@ -72,14 +73,34 @@ def random_seed() -> int:
 
 def resolve_options(pipe, given: dict, names: Optional[dict] = None) -> dict:
     """Check the sampler options a request gave (None = the model's default) and fill in the defaults.
-    `names` maps tokenpaint's option names to the request's own (cfg_scale for guidance_scale) for the 422."""
+    `names` maps tokenpaint's option names to the request's own (cfg_scale for guidance_scale) for the 422.
+    `lora` ({adapter name: scale}, the server's --lora adapters; 0 = off) becomes sorted (name, scale) pairs, so
+    that only requests with the same scales share a batch."""
     names = names or {}
+    given = dict(given)
+    lora = _lora_scales(pipe, given.pop("lora", None), names.get("lora", "lora"))
     for name, value in given.items():
         try:
             validate_options(**{name: value})
         except ValueError as e:
             raise RequestError(422, str(e).replace(name, names.get(name, name), 1), names.get(name, name)) from None
-    return {k: given.get(k) if given.get(k) is not None else pipe.defaults.get(k) for k in OPTION_NAMES}
+    options = {k: given.get(k) if given.get(k) is not None else pipe.defaults.get(k) for k in OPTION_NAMES}
+    if lora:
+        options["lora"] = lora
+    return options
+
+
+def _lora_scales(pipe, scales: Optional[dict], field: str) -> tuple:
+    if not scales:
+        return ()
+    loaded = pipe.loras
+    for name, scale in scales.items():
+        if name not in loaded:
+            raise RequestError(422, f"no LoRA named {name!r} on this server (loaded: {sorted(loaded) or 'none'})",
+                               field)
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+            raise RequestError(422, f"the scale of LoRA {name!r} must be a number, got {scale!r}", field)
+    return tuple(sorted((name, float(scale)) for name, scale in scales.items()))
 
 
 def make_job(pipe, settings, prompts: list[str], num_images: int, seed: Optional[int], negative: str,
@@ -121,17 +142,19 @@ def check_edit(pipe, edit: Edit, fields: dict) -> None:
 
 def run_jobs(pipe, jobs: list[Job], batch_size: int) -> list[list[str]]:
     """Sample every job's rows (one call: rows of different jobs share batches) -> base64 PNGs per job."""
-    if jobs[0].edit is not None:
-        (job,) = jobs
-        e = job.edit
-        ids = pipe.edit_ids(job.prompts[0], e.image, mask=e.mask, mode=e.mode, strength=e.strength,
-                            seed=job.seeds[0], num_images=job.size, batch_size=batch_size, keep_rows=e.keep_rows,
-                            negative_prompt=job.negatives[0] or None, **job.options)
-        return [[encode_png(im) for im in pipe.decode(ids)]]
-    prompts = [p for job in jobs for p in job.prompts]
-    seeds = [s for job in jobs for s in job.seeds]
-    negatives = [n for job in jobs for n in job.negatives]
-    ids = pipe.sample_rows(prompts, seeds, negatives, batch_size=batch_size, **jobs[0].options)
+    options = dict(jobs[0].options)
+    with pipe.lora_scales(dict(options.pop("lora", ()))):  # this batch's adapter scales (the jobs share them)
+        if jobs[0].edit is not None:
+            (job,) = jobs
+            e = job.edit
+            ids = pipe.edit_ids(job.prompts[0], e.image, mask=e.mask, mode=e.mode, strength=e.strength,
+                                seed=job.seeds[0], num_images=job.size, batch_size=batch_size, keep_rows=e.keep_rows,
+                                negative_prompt=job.negatives[0] or None, **options)
+            return [[encode_png(im) for im in pipe.decode(ids)]]
+        prompts = [p for job in jobs for p in job.prompts]
+        seeds = [s for job in jobs for s in job.seeds]
+        negatives = [n for job in jobs for n in job.negatives]
+        ids = pipe.sample_rows(prompts, seeds, negatives, batch_size=batch_size, **options)
     images = [encode_png(im) for im in pipe.decode(ids)]
     out, start = [], 0
     for job in jobs:

@@ -21,6 +21,7 @@ class ImagesRequest(BaseModel):
     top_k: Optional[int] = None
     top_p: Optional[float] = None
     negative_prompt: Optional[str] = None
+    lora: Optional[dict[str, float]] = None  # {adapter name: scale} of the server's --lora adapters (0 = off)
     # editing: an input image (base64 or a data: URL) turns the request into an edit of it (one prompt)
     image: Optional[str] = None
     mask: Optional[str] = None  # white = regenerate; same size as the image

@@ -4,13 +4,15 @@ txt2img and img2img take and answer that API's JSON: `images` are raw base64 PNG
 `info` is a JSON string (prompt, all_prompts, seed, all_seeds, ...). The sampler follows the model kind, whatever
 `sampler_name` says (it is reported back). img2img: with a mask it inpaints (white = regenerate, or black with
 `inpainting_mask_invert`); without one, a masked model re-generates a `denoising_strength` share of the tokens and a
-GPT keeps the top (1 - denoising_strength) of the rows and continues the rest. The GET endpoints answer in the
+GPT keeps the top (1 - denoising_strength) of the rows and continues the rest. `<lora:NAME:SCALE>` in the prompt sets
+the scale of the server's --lora adapter NAME for that request, as in the web UI. The GET endpoints answer in the
 shapes clients read at start-up.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 
 from fastapi import APIRouter
@@ -22,6 +24,7 @@ from .schemas import Img2ImgRequest, Txt2ImgRequest
 
 SAMPLER_NAMES = {"mim": "MaskGIT", "gpt": "Top-k"}
 SD_NAMES = {"guidance_scale": "cfg_scale", "strength": "denoising_strength"}
+LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")  # the web UI's LoRA syntax: scales for the --lora adapters
 
 
 def _check_size(state, req) -> None:
@@ -32,10 +35,23 @@ def _check_size(state, req) -> None:
             raise RequestError(422, f"{name} {value}: this model makes {side}x{side} images", name)
 
 
+def lora_tags(prompt: str) -> tuple[str, dict]:
+    """The web UI's `<lora:NAME:SCALE>` prompt tags (scale 1 when left out) -> (prompt without them, {NAME: SCALE})."""
+    scales = {}
+    for name, scale in LORA_TAG.findall(prompt):
+        try:
+            scales[name] = float(scale) if scale else 1.0
+        except ValueError:
+            raise RequestError(422, f"<lora:{name}:{scale}>: the scale must be a number", "prompt") from None
+    return " ".join(LORA_TAG.sub(" ", prompt).split()), scales
+
+
 def _job(state, req, edit=None):
     _check_size(state, req)
-    options = resolve_options(state.pipe, {"steps": req.steps, "guidance_scale": req.cfg_scale}, SD_NAMES)
-    return make_job(state.pipe, state.settings, [req.prompt], req.batch_size * req.n_iter, req.seed,
+    prompt, lora = lora_tags(req.prompt)
+    options = resolve_options(state.pipe, {"steps": req.steps, "guidance_scale": req.cfg_scale, "lora": lora},
+                              {**SD_NAMES, "lora": "prompt"})
+    return make_job(state.pipe, state.settings, [prompt], req.batch_size * req.n_iter, req.seed,
                     req.negative_prompt or "", options, edit, count_field="batch_size")
 
 

@@ -48,6 +48,18 @@ TARGET_GROUPS: dict[str, tuple[str, ...]] = {
 PathLike = Union[str, os.PathLike]
 
 
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """`PATH[:SCALE]` (generate.py --lora, tokenpaint.serve --lora) -> (path, scale); the scale defaults to
+    DEFAULT_SCALE. A path that exists as given is taken whole (it may hold a ':')."""
+    head, sep, tail = spec.rpartition(":")
+    if not sep or os.path.exists(spec):
+        return spec, DEFAULT_SCALE
+    try:
+        return head, float(tail)
+    except ValueError:
+        raise ValueError(f"{spec}: the scale after ':' must be a number, got {tail!r}") from None
+
+
 def base_hash(model: nn.Module) -> str:
     """sha256 of a generator's weights (names, dtypes, shapes, bytes): what an adapter records as its base."""
     from ..data.cache import state_dict_hash
@@ -277,8 +289,13 @@ class LoRASet:
             self._hook(TEXT_EMBEDDING)
 
     def set_scale(self, name: str, scale: float) -> None:
+        if name in self.fused:
+            raise ValueError(f"LoRA {name!r} is fused into the weights: its scale is fixed (unload_lora, then load it "
+                             f"again to change it)")
         if name not in self.adapters:
             raise ValueError(f"no LoRA named {name!r} is loaded (loaded: {sorted(self.adapters)})")
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+            raise ValueError(f"LoRA {name!r}: the scale must be a number, got {scale!r}")
         self.adapters[name] = (self.adapters[name][0], float(scale))
 
     def _hook(self, layer: str) -> None:
@@ -287,13 +304,13 @@ class LoRASet:
         if layer == TEXT_EMBEDDING:
             def hook(module, inputs, output):
                 for adapter, scale in self.adapters.values():
-                    if adapter.text_delta is not None:
+                    if scale and adapter.text_delta is not None:
                         output = output + scale * adapter.text_rows(inputs[0]).to(output.dtype)
                 return output
         else:
             def hook(module, inputs, output):
                 for adapter, scale in self.adapters.values():
-                    if layer in adapter.config.layers:
+                    if scale and layer in adapter.config.layers:
                         output = output + scale * adapter.delta(layer, inputs[0])
                 return output
         self._hooks[layer] = self.modules[layer].register_forward_hook(hook)
