@@ -223,7 +223,8 @@ def test_upload_size_is_checked_before_decoding(pipes):
             bomb = base64.b64encode(png_header_only(side, side)).decode()
             start = time.perf_counter()
             status, _, out = server.call("POST", "/sdapi/v1/img2img", {"prompt": "x", "init_images": [bomb]})
-            assert status == 400 and out["field"] == "init_images.0" and "4096 pixel limit" in out["detail"]
+            assert status == 400 and out["field"] == "init_images.0", out
+            assert "pixel limit" in out["detail"] or "over the cap" in out["detail"]
             assert time.perf_counter() - start < 5  # rejected from the header, never decoded
         big = base64.b64encode(b"\0" * 8192).decode()
         status, _, out = server.call("POST", "/v1/images", {"prompts": "x", "image": b64_png(

@@ -1,4 +1,5 @@
-"""Images in and out of JSON: base64 (raw or a data: URL) with the size checked before decoding, PNG out."""
+"""Images in and out of JSON: base64 (raw or a data: URL) decoded by tokenpaint.data.images (format allow-list,
+pixel cap read from the header before the pixels are decoded), PNG out."""
 
 from __future__ import annotations
 
@@ -8,13 +9,12 @@ import io
 
 from PIL import Image
 
+from ..data.images import ImageLimits, decode_image as decode_image_bytes
 from .errors import RequestError
-
-FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 
 
 def decode_image(data, field: str, max_bytes: int, max_pixels: int) -> Image.Image:
-    """base64 text -> a loaded PIL image. Over max_bytes (encoded) or max_pixels (from the header) is a 400, before
+    """base64 text -> an RGB PIL image. Over max_bytes (encoded) or max_pixels (from the header) is a 400, before
     the pixels are decoded (a small file can claim a huge canvas); anything unreadable is a 422 naming `field`."""
     if not isinstance(data, str) or not data:
         raise RequestError(422, "must be a base64-encoded image (raw or a data:image/...;base64, URL)", field)
@@ -31,20 +31,14 @@ def decode_image(data, field: str, max_bytes: int, max_pixels: int) -> Image.Ima
             raw = base64.urlsafe_b64decode(data)
         except (binascii.Error, ValueError):
             raise RequestError(422, "is not valid base64", field) from None
+    limits = ImageLimits(max_file_bytes=max_bytes, max_pixels=max_pixels)
     try:
-        image = Image.open(io.BytesIO(raw), formats=FORMATS)  # reads the header only
-    except Image.DecompressionBombError as e:  # PIL's own header check (far over max_pixels)
+        return decode_image_bytes(raw, limits)
+    except Image.DecompressionBombError as e:  # Pillow's own header check, far over max_pixels
         raise RequestError(400, f"image is over the {max_pixels} pixel limit ({e})", field) from None
-    except Exception:
-        raise RequestError(422, f"is not an image in a supported format ({', '.join(FORMATS)})", field) from None
-    width, height = image.size
-    if width * height > max_pixels:
-        raise RequestError(400, f"image is {width}x{height}, over the {max_pixels} pixel limit", field)
-    try:
-        image.load()
-    except Exception as e:
-        raise RequestError(422, f"could not be decoded: {e}", field) from None
-    return image
+    except (ValueError, OSError) as e:
+        status = 400 if "over the cap" in str(e) else 422
+        raise RequestError(status, f"image: {e}", field) from None
 
 
 def encode_png(image: Image.Image) -> str:
