@@ -134,7 +134,8 @@ def bench_model(model: str, args) -> dict:
             exit_status = "killed"
     rate = {name: len(phase["latencies"]) / phase["wall"] for name, phase in (("alone", alone), ("loaded", loaded))}
     lat = loaded["latencies"]
-    return dict(model=model, kind=kind, alone=rate["alone"], loaded=rate["loaded"], ratio=rate["loaded"] / rate["alone"],
+    return dict(model=model, kind=kind, alone=rate["alone"], loaded=rate["loaded"],
+                ratio=rate["loaded"] / rate["alone"],
                 p50=percentile(lat, 50), p95=percentile(lat, 95), p99=percentile(lat, 99),
                 alone_p50=percentile(alone["latencies"], 50), served=len(lat),
                 failures=len(loaded["failures"]) + len(alone["failures"]),
