@@ -290,3 +290,31 @@ def test_api_auth(pipes):
         assert server.call("GET", "/healthz")[0] == 200  # for load balancers
     finally:
         server.stop()
+
+
+def test_page_editor_value_becomes_a_mask():
+    from tokenpaint.serve.ui import editor_mask
+
+    background = Image.new("RGB", (SIDE, SIDE), (10, 20, 30))
+    layer = Image.new("RGBA", (SIDE, SIDE), (0, 0, 0, 0))
+    layer.paste((255, 0, 0, 255), (0, 0, 4, 8))  # painted strokes
+    image, mask = editor_mask({"background": background, "layers": [layer], "composite": background})
+    assert image.size == (SIDE, SIDE) and mask.mode == "L"
+    assert mask.getpixel((1, 1)) == 255 and mask.getpixel((10, 10)) == 0
+    assert editor_mask({"background": background, "layers": [], "composite": background})[1] is None
+    assert editor_mask(None) == (None, None)
+
+
+def test_result_cache_is_lru_and_bounded_in_bytes():
+    from tokenpaint.serve.batching import ResultCache
+
+    cache = ResultCache(capacity=2, max_bytes=10)
+    cache.put("a", ["xxxx"])
+    cache.put("b", ["yyyy"])
+    assert cache.get("a") == ["xxxx"]  # "a" is now the most recent
+    cache.put("c", ["zz"])  # over 2 requests: "b" goes
+    assert cache.get("b") is None and cache.get("a") and cache.get("c")
+    cache.put("d", ["wwwwwwwww"])  # 9 bytes: only "d" fits in 10
+    assert cache.get("a") is None and cache.get("c") is None and cache.get("d") == ["wwwwwwwww"]
+    cache.put("huge", ["0123456789abc"])  # bigger than the whole cache: not kept, nothing evicted
+    assert cache.get("huge") is None and cache.get("d") and cache.bytes == 9

@@ -133,11 +133,13 @@ def _settle(future, result, error) -> None:
 
 
 class ResultCache:
-    """An LRU map from a request's cache key to its answer (thread-safe; capacity 0 keeps nothing)."""
+    """An LRU map from a request's cache key to its images (base64 strings), bounded in requests and in bytes;
+    thread-safe; capacity 0 keeps nothing."""
 
-    def __init__(self, capacity: int):
-        self.capacity = capacity
+    def __init__(self, capacity: int, max_bytes: int = 256 << 20):
+        self.capacity, self.max_bytes = capacity, max_bytes
         self.items: OrderedDict = OrderedDict()
+        self.bytes = 0
         self.lock = threading.Lock()
 
     def get(self, key):
@@ -147,11 +149,15 @@ class ResultCache:
             self.items.move_to_end(key)
             return self.items[key]
 
-    def put(self, key, value) -> None:
-        if self.capacity <= 0:
+    def put(self, key, images: list) -> None:
+        size = sum(len(image) for image in images)
+        if self.capacity <= 0 or size > self.max_bytes:
             return
         with self.lock:
-            self.items[key] = value
-            self.items.move_to_end(key)
-            while len(self.items) > self.capacity:
-                self.items.popitem(last=False)
+            if key in self.items:
+                self.bytes -= sum(len(image) for image in self.items.pop(key))
+            self.items[key] = images
+            self.bytes += size
+            while len(self.items) > self.capacity or self.bytes > self.max_bytes:
+                _, evicted = self.items.popitem(last=False)
+                self.bytes -= sum(len(image) for image in evicted)
