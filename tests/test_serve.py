@@ -189,6 +189,8 @@ def test_errors_name_the_field(mim):
         ("/v1/images", {"num_images": 2}, 422, "prompts"),
         ("/v1/images", {"prompts": "x", "mode": "inpaint"}, 422, "mode"),
         ("/v1/images", {"prompts": "x", "num_images": 7}, 400, "num_images"),
+        ("/v1/images", {"prompts": "x", "num_images": 2, "seed": 2**64 - 1}, 422, "seed"),
+        ("/v1/images", {"prompts": "x", "seed": -5}, 422, "seed"),
         ("/sdapi/v1/txt2img", {"prompt": "x", "cfg_scale": "lots"}, 422, "cfg_scale"),
         ("/sdapi/v1/txt2img", {"prompt": "x", "cfg_scale": -1}, 422, "cfg_scale"),
         ("/sdapi/v1/txt2img", {"prompt": "x", "width": 512}, 422, "width"),

@@ -27,6 +27,7 @@ def run_dir(tmp_path_factory):
     (["--api-auth", "nopassword"], "--api-auth must be USER:PASS"),
     (["--threads", "0"], "--threads must be >= 1"),
     (["--port", "70000"], "--port must be in"),
+    (["--dtype", "float64"], "invalid choice"),
 ])
 def test_bad_flags_are_refused_before_loading(run_dir, argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -37,7 +38,7 @@ def test_bad_flags_are_refused_before_loading(run_dir, argv, message, capsys):
 def test_model_dir_is_checked(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--model", str(tmp_path)])
-    assert "config.json not found" in capsys.readouterr().err
+    assert "has no config.json" in capsys.readouterr().err
 
 
 def test_sigterm_finishes_requests_in_flight_and_exits_0(run_dir):

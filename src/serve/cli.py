@@ -13,8 +13,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from pathlib import Path
-
+from ..pipeline import DTYPES, check_run_dir
 from .settings import ServeSettings
 
 DEFAULTS = ServeSettings()
@@ -45,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "every request; a request's `lora` field ({name: scale}, name = the directory's name) changes "
                         "the scales for that request (0 = off). Repeat to load several")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", help="cast the generator once (float32, bfloat16, float16)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="cast the generator once")
     return p
 
 
@@ -65,9 +64,10 @@ def main(argv=None) -> int:
         parser.error(str(e))
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in [0, 65535], got {args.port}")
-    model = Path(args.model)
-    if not (model / "config.json").is_file():
-        parser.error(f"--model: {model / 'config.json'} not found (is {model} a transformer run directory?)")
+    try:
+        model = check_run_dir(args.model)
+    except FileNotFoundError as e:
+        parser.error(f"--model: {e}")
     try:
         import fastapi  # noqa: F401
         import uvicorn

@@ -114,8 +114,10 @@ def make_job(pipe, settings, prompts: list[str], num_images: int, seed: Optional
                                 f"{settings.max_images_per_request} per request", count_field)
     if seed is None or seed == -1:
         seed = random_seed()
-    if seed < 0:
-        raise RequestError(422, f"seed must be >= 0 (or -1 for a random seed), got {seed}", "seed")
+    try:
+        validate_options(seed=seed, num_seeds=total)
+    except ValueError as e:
+        raise RequestError(422, f"{e} (or -1 for a random seed)", "seed") from None
     rows = [p for p in prompts for _ in range(num_images)]
     return Job(rows, [seed + i for i in range(total)], [negative or ""] * total, options, edit)
 
