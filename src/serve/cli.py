@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+
 from ..pipeline import DTYPES, check_run_dir
 from .settings import ServeSettings
 
