@@ -84,6 +84,9 @@ def check_args(parser: argparse.ArgumentParser, args) -> tuple[list[tuple[str, s
         args.edit_mode = args.edit_mode or ("inpaint" if args.mask else "img2img" if kind == "mim" else "continue")
         if args.edit_mode == "inpaint" and not args.mask:
             parser.error("--edit-mode inpaint needs --mask")
+        if args.edit_mode in ("img2img", "outpaint") and args.mask:
+            parser.error(f"--mask is not used by --edit-mode {args.edit_mode}; use --edit-mode inpaint to "
+                         f"regenerate a region")
         if args.edit_mode == "img2img" and kind != "mim":
             parser.error("--edit-mode img2img needs a masked (mim) model; use inpaint or continue with a gpt")
     if args.prompt is not None:

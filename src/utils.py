@@ -8,7 +8,7 @@ import re
 import secrets
 import shutil
 from dataclasses import fields, is_dataclass
-from typing import Any, Callable, Mapping, NamedTuple, Union
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
 import yaml
 
@@ -260,10 +260,13 @@ def field_check(f) -> Check:
 
 class Section(NamedTuple):
     """A config section: defaults (merged under what the file gives) and the checks of its keys. A key's type is
-    also implied by its default (see _check_for_default); `checks` adds ranges and covers keys without defaults."""
+    also implied by its default (see _check_for_default); `checks` adds ranges and covers keys without defaults.
+    `validate(values)` checks the section as a whole (e.g. builds the config class it describes, whose own checks
+    then run when the file is read); its error is reported at the line of the first key it names."""
 
     defaults: dict[str, Any]
     checks: dict[str, Check]
+    validate: Optional[Callable[[dict], Any]] = None
 
 
 def _as_section(spec: Any) -> Section | None:
@@ -274,7 +277,8 @@ def _as_section(spec: Any) -> Section | None:
     if isinstance(spec, dict):
         return Section(spec, {})
     if is_dataclass(spec):
-        return Section({}, {f.name: field_check(f) for f in fields(spec)})
+        build = getattr(spec, "from_dict", None) or (lambda values: spec(**values))
+        return Section({}, {f.name: field_check(f) for f in fields(spec)}, build)
     return Section({}, {k: ANY for k in spec})
 
 
@@ -316,6 +320,13 @@ def load_config(path: str, schema: dict[str, Any]) -> dict[str, dict]:
             check = spec.checks.get(key) or _check_for_default(spec.defaults.get(key))
             if check is not None and not check.ok(value):
                 raise ValueError(f"{where(section, key)}: {section}.{key} must be {check.wanted}, got {value!r}")
+        if spec.validate is not None:
+            try:
+                spec.validate(dict(body))
+            except (TypeError, ValueError) as e:
+                named = [k for k in body if re.search(rf"\b{re.escape(str(k))}\b", str(e))]
+                at = where(section, named[0]) if named else path
+                raise ValueError(f"{at}: section {section!r}: {e}") from None
     for section, spec in schema.items():
         body = dict(raw.get(section) or {})
         defaults = spec.defaults if isinstance(spec, Section) else spec if isinstance(spec, dict) else {}

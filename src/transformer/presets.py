@@ -63,7 +63,8 @@ MODEL_CHECKS: dict[str, Check] = {
 }
 # The one schema of a transformer YAML, for load_transformer_yaml and the training stage alike.
 CONFIG_SCHEMA: dict[str, Any] = {
-    "model": Section({}, MODEL_CHECKS), "tokenizer": Section(TOKENIZER_DEFAULTS, {"vocab_size": integer(4)}),
+    "model": Section({}, MODEL_CHECKS, lambda model: model_config_from_yaml({"model": model})),  # sizes: defaults
+    "tokenizer": Section(TOKENIZER_DEFAULTS, {"vocab_size": integer(4)}),
     "train": Section(TRAIN_DEFAULTS, TRAIN_CHECKS), "sample": Section(SAMPLE_DEFAULTS, SAMPLE_CHECKS),
     "data": Section(DATA_DEFAULTS, {"resolution": integer(1).or_none("the VQGAN's")}),
     "lora": Section(LORA_DEFAULTS, {"rank": integer(1).or_none("train the whole model"),

@@ -107,3 +107,20 @@ def test_sample_section_is_checked_at_training_time_not_at_generation(tmp_path, 
     config, line = write(tmp_path / "cfg.yaml", TRANSFORMER, "sample", key, value)
     with pytest.raises(ValueError, match=rf"^{config}, line {line}: sample\.{key} must be {re.escape(wanted)}"):
         load_transformer_yaml(config)
+
+
+@pytest.mark.parametrize("stage, key, value, message", [
+    ("vqgan", "ch", 16, "ch * ch_mult must be multiples of 32"),
+    ("vqgan", "quantizer", "fancy", "quantizer must be one of"),
+    ("transformer", "n_head", 3, "n_embd (32) must be divisible by n_head (3)"),
+    ("transformer", "dropout", 1.5, "dropout must be in [0, 1)"),
+])
+def test_the_model_section_is_checked_by_its_config_class_when_read(tmp_path, capsys, stage, key, value, message):
+    """Rules between keys (and ranges the config classes own) also fail when the file is read, at a line."""
+    config, line = write(tmp_path / "cfg.yaml", VQGAN if stage == "vqgan" else TRANSFORMER, "model", key, value)
+    data = tmp_path / "train.tsv"
+    data.write_text("0\ta caption\tnot-read\n")
+    args = [stage, "--data", str(data), "--config", config, "--out", str(tmp_path / "run")]
+    rc = load_cli().main(args + (["--vqgan", str(tmp_path / "no-vqgan")] if stage == "transformer" else []))
+    err = capsys.readouterr().err
+    assert rc == 2 and f"error: {config}, line {line}: section 'model': " in err and message in err, err

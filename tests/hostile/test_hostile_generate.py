@@ -58,6 +58,9 @@ def case_files(tmp_path, name):
     if name == "init image EPS":
         (tmp_path / "x.eps").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
         return ["--init-image", str(tmp_path / "x.eps")], "not an image in an accepted format"
+    if name == "mask with outpaint":
+        return (["--init-image", init, "--mask", image(tmp_path / "m.png", (32, 32), "L"), "--edit-mode", "outpaint"],
+                "--mask is not used by --edit-mode outpaint")
     if name == "init image a directory":
         (tmp_path / "d.png").mkdir()
         return ["--init-image", str(tmp_path / "d.png")], "--init-image: file"
@@ -65,7 +68,7 @@ def case_files(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", ["mask size differs", "mask not an image", "init image not an image",
-                                  "init image EPS", "init image a directory"])
+                                  "init image EPS", "init image a directory", "mask with outpaint"])
 def test_bad_edit_inputs_fail_before_loading(run_dir, tmp_path, capsys, no_weights, name):
     extra, message = case_files(tmp_path, name)
     err = fail(["--model", str(run_dir), "--prompt", "a cat", "--out-dir", str(tmp_path / "o"), *extra], capsys)
