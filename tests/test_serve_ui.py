@@ -43,13 +43,20 @@ def browser():
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
-def test_page_generates_an_image_of_the_model_size(tmp_path):
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    run = make_runs(tmp_path_factory.mktemp("serve_ui"))["mim"]
+    pipe = Pipeline.from_pretrained(run)
+    server = LiveServer(create_app(pipe, ServeSettings(max_wait_ms=0), model_dir=run, ui=True))
+    yield pipe, server
+    server.stop()
+
+
+def test_page_generates_an_image_of_the_model_size(page):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    run = make_runs(tmp_path)["mim"]
-    pipe = Pipeline.from_pretrained(run)
-    server = LiveServer(create_app(pipe, ServeSettings(max_wait_ms=0), model_dir=run, ui=True))
+    pipe, server = page
     driver = browser()
     try:
         driver.get(server.url + "/")
@@ -71,4 +78,26 @@ def test_page_generates_an_image_of_the_model_size(tmp_path):
         assert len(seeds.split(",")) == len(sizes) == 4  # the default number of images, and the seeds used
     finally:
         driver.quit()
-        server.stop()
+
+
+def test_edit_tab_inpaints_like_the_pipeline(page, tmp_path):
+    """The edit tab through gradio's own client: an uploaded image and mask give Pipeline.edit's images."""
+    from gradio_client import Client, handle_file
+    from PIL import Image
+
+    pipe, server = page
+    side = pipe.resolution
+    image = Image.new("RGB", (side, side), (200, 20, 20))
+    mask = Image.new("L", (side, side), 0)
+    mask.paste(255, (0, 0, side, side // 2))
+    image.save(tmp_path / "image.png")
+    mask.save(tmp_path / "mask.png")
+    client = Client(server.url + "/", verbose=False, download_files=str(tmp_path / "out"))
+    gallery, seeds = client.predict({"background": handle_file(str(tmp_path / "image.png")), "layers": [],
+                                     "composite": None}, handle_file(str(tmp_path / "mask.png")), "inpaint", 0.6,
+                                    "a green square", "", 2, 5, 2.0, 4, 32, 1.0, api_name="/edit")
+    assert seeds == "5, 6"
+    expected = pipe.edit("a green square", image, mask=mask, mode="inpaint", seed=5, num_images=2, steps=4,
+                         guidance_scale=2.0, temperature=1.0)
+    got = [Image.open(item["image"]).convert("RGB") for item in gallery]
+    assert [g.tobytes() for g in got] == [e.tobytes() for e in expected]

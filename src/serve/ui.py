@@ -96,7 +96,7 @@ def build_blocks(state):
         return [guidance, steps, top_k, temperature]
 
     side = pipe.resolution
-    with gr.Blocks(title="tokenpaint") as blocks:
+    with gr.Blocks(title="tokenpaint", analytics_enabled=False) as blocks:
         gr.Markdown(f"## tokenpaint: {state.model_name} ({pipe.kind}, {side}x{side})")
         with gr.Tab("Text to image"):
             with gr.Row():
@@ -110,7 +110,7 @@ def build_blocks(state):
                     controls = sampler_controls()
                     button = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Column():
-                    gallery = gr.Gallery(label="Images", columns=4, elem_id="gallery")
+                    gallery = gr.Gallery(label="Images", columns=4, elem_id="gallery", format="png")  # exact pixels
                     seeds = gr.Textbox(label="Seeds used", elem_id="seeds")
             button.click(txt2img, [prompt, negative, count, seed, *controls], [gallery, seeds])
         with gr.Tab("Edit"):
@@ -129,7 +129,7 @@ def build_blocks(state):
                     e_controls = sampler_controls()
                     e_button = gr.Button("Generate", variant="primary")
                 with gr.Column():
-                    e_gallery = gr.Gallery(label="Images", columns=4)
+                    e_gallery = gr.Gallery(label="Images", columns=4, format="png")
                     e_seeds = gr.Textbox(label="Seeds used")
             e_button.click(edit, [editor, mask_upload, mode, strength, e_prompt, e_negative, e_count, e_seed,
                                   *e_controls], [e_gallery, e_seeds])
