@@ -27,6 +27,7 @@ from .sampling import sample_masked
 from .sampling.editing import pixel_mask_to_bool
 from .transformer.lora import DEFAULT_SCALE as LORA_SCALE
 from .transformer.lora import LoRAAdapter, LoRASet, base_hash
+from .transformer.quantize import QUANT_DTYPES, is_quantized
 from .utils import read_yaml
 
 # used when train_config.yaml has no `sample:` section (the same values as tokenpaint.transformer.SAMPLE_DEFAULTS)
@@ -35,6 +36,7 @@ SAMPLE_KEYS = ("steps", "guidance_scale", "top_k", "top_p", "temperature", "choi
                "guidance_schedule")
 EDIT_MODES = ("inpaint", "outpaint", "img2img", "continue")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INFERENCE_DTYPES = (*DTYPES, *QUANT_DTYPES)  # what from_pretrained / generate.py --dtype accept
 
 
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2**64); image i of a request uses seed + i
@@ -176,16 +178,17 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, run_dir, device: Union[str, torch.device] = "cpu", dtype=None) -> "Pipeline":
-        """Load a run directory; `dtype` (torch.dtype or "bfloat16"/"float32"/"float16") casts the generator once."""
+        """Load a run directory; `dtype` (torch.dtype or "bfloat16"/"float32"/"float16") casts the generator once;
+        "int8" quantizes its weights (int8 per output channel, float32 activations; see `quantize`)."""
         from .data import TextTokenizer
         from .transformer import load_generator
         from .vqgan import VQGAN
 
         run_dir = check_run_dir(run_dir)
         if isinstance(dtype, str):
-            if dtype not in DTYPES:
-                raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-            dtype = DTYPES[dtype]
+            if dtype not in INFERENCE_DTYPES:
+                raise ValueError(f"dtype must be one of {sorted(INFERENCE_DTYPES)}, got {dtype!r}")
+            dtype = DTYPES.get(dtype, dtype)
         model = load_generator(run_dir, map_location=device)
         sha256 = base_hash(model) if dtype not in (None, torch.float32) else None  # LoRA files name the saved weights
         model.prepare_for_inference(dtype)  # a one-time cast: autocast would re-cast weights at every decode step
@@ -194,6 +197,20 @@ class Pipeline:
         pipe = cls(model, tokenizer, vqgan, read_sample_defaults(run_dir / "train_config.yaml"))
         pipe._base_sha256 = sha256
         return pipe
+
+    def quantize(self, dtype: str = "int8") -> "Pipeline":
+        """int8 weights for the generator, in place (TokenTransformer.quantize): 4x less weight memory and a faster
+        one-token decode step; docs/PERFORMANCE.md says when it pays. LoRA adapters must be fused first (int8 layers
+        take no adapter hooks), and none can be loaded or unloaded afterwards."""
+        if self._lora is not None and self._lora.adapters:
+            raise ValueError("quantize: LoRA adapters are loaded; call fuse_lora() first (int8 layers take no hooks)")
+        self.model.quantize(dtype)
+        return self
+
+    def _refuse_if_quantized(self, what: str) -> None:
+        if is_quantized(self.model):
+            raise ValueError(f"{what}: the generator holds int8 weights; load and fuse LoRA adapters before "
+                             f"quantizing (generate.py --dtype int8 --lora does this)")
 
     def compile(self, **options) -> "Pipeline":
         """torch.compile the generator's transformer blocks in place (TokenTransformer.compile_blocks). The first
@@ -209,6 +226,7 @@ class Pipeline:
         directory's name)."""
         if not isinstance(scale, (int, float)) or isinstance(scale, bool):
             raise ValueError(f"LoRA scale must be a number, got {scale!r}")
+        self._refuse_if_quantized("load_lora")
         adapter = LoRAAdapter.load(path, map_location=self.device)
         if self._lora is None:
             self._lora = LoRASet(self.model, self._base_sha256)
@@ -253,6 +271,7 @@ class Pipeline:
     def unload_lora(self) -> "Pipeline":
         """Remove every adapter, fused or not: the base weights are back bit for bit."""
         if self._lora is not None:
+            self._refuse_if_quantized("unload_lora")
             self._lora.unload()
         return self
 
