@@ -32,14 +32,20 @@ def test_quantize_rows_round_trip_and_scale():
 
 
 @pytest.mark.parametrize("shape", [(32, 48), (96, 288), (100, 30), (7, 5)])  # odd sizes: dynamic kernel only
-@pytest.mark.parametrize("rows", [1, WEIGHT_ONLY_MAX_ROWS, WEIGHT_ONLY_MAX_ROWS + 24])  # both kernels
+@pytest.mark.parametrize("rows", [1, WEIGHT_ONLY_MAX_ROWS, WEIGHT_ONLY_MAX_ROWS + 24])
 def test_int8_linear_matches_float(shape, rows):
     torch.manual_seed(0)
     linear = nn.Linear(*shape)
     x = torch.randn(2, rows, shape[0])
-    y = Int8Linear(linear)(x)
+    layer = Int8Linear(linear)
+    y = layer(x)
     assert y.shape == (2, rows, shape[1]) and y.dtype == torch.float32
     assert rel_err(y, linear(x)) < 0.02
+    x2 = x.reshape(-1, shape[0])
+    bias = linear.bias.detach()
+    kernels = [layer._dynamic_int8] + ([layer._weight_only] if layer.weight_only_ok else [])
+    for kernel in kernels:  # each kernel on its own, whichever this CPU picks
+        assert rel_err(kernel(x2) + bias, linear(x2)) < 0.02
 
 
 def test_int8_embedding_matches_float():

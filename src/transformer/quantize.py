@@ -6,13 +6,18 @@
 4x less weight memory, and the cached one-token decode step, which reads every weight once, reads 4x fewer bytes.
 
 The matmuls are torch's own int8 kernels, chosen by the number of rows M of the input:
-- M <= WEIGHT_ONLY_MAX_ROWS (decode steps, Jacobi verification): weight-only, `torch.ops.aten._weight_int8pack_mm`
-  with bfloat16 activations (its vectorised CPU path takes bf16/fp16 activations; with float32 ones it is scalar).
-- larger M (masked decoding, prefill; compute-bound): dynamic int8 activations, one scale per row, and
-  `torch._int_mm` (int8 x int8 -> int32), then rescaled by the row and channel scales.
-Neither converts the weight matrix to float at run time. docs/PERFORMANCE.md has the measurements behind the split.
+- weight-only: `torch.ops.aten._weight_int8pack_mm` with bfloat16 activations (its vectorised CPU path takes
+  bf16/fp16 activations; with float32 ones it is scalar and slower than float32). Used for M <= 16 rows (decode
+  steps, Jacobi windows) on CUDA and on CPUs without int8 dot-product instructions (AVX2 only).
+- dynamic int8 activations (one scale per row) and `torch._int_mm` (int8 x int8 -> int32), rescaled by the row and
+  channel scales: for more rows (masked decoding, prefill: compute-bound), and for every M on CPUs with VNNI/AMX
+  (there it beat the weight-only kernel even at one row; on AVX2 it was 6x slower at one row).
+Neither converts the weight matrix to float at run time. docs/PERFORMANCE.md has the measurements behind the split
+(benchmarks/int8_speed.py, section "kernels").
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn as nn
@@ -20,6 +25,25 @@ import torch.nn.functional as F
 
 WEIGHT_ONLY_MAX_ROWS = 16  # measured crossover (benchmarks/int8_speed.py, section "kernels")
 QUANT_DTYPES = ("int8",)
+INT8_DOT_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}  # /proc/cpuinfo flags of CPUs with int8 dot products
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_int8_dot() -> bool:
+    """True on CPUs with int8 dot-product instructions (VNNI / AMX), where the dynamic kernel wins at every M."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return bool(INT8_DOT_FLAGS & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return False
+
+
+def weight_only_max_rows(device: torch.device) -> int:
+    """Up to how many rows the weight-only kernel is used on `device` (above: dynamic int8 activations)."""
+    return 0 if device.type == "cpu" and cpu_has_int8_dot() else WEIGHT_ONLY_MAX_ROWS
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +73,7 @@ class Int8Linear(nn.Module):
         lead, out_dtype = x.shape[:-1], x.dtype
         x2 = x.reshape(-1, self.in_features)  # [M, in]
         rows = x2.shape[0]
-        if rows <= WEIGHT_ONLY_MAX_ROWS and self.weight_only_ok:
+        if self.weight_only_ok and rows <= weight_only_max_rows(x2.device):
             y = self._weight_only(x2)
         else:
             y = self._dynamic_int8(x2)
@@ -125,4 +149,4 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 __all__ = ["quantize_int8", "Int8Linear", "Int8Embedding", "quantize_rows", "is_quantized", "weight_bytes",
-           "QUANT_DTYPES", "WEIGHT_ONLY_MAX_ROWS"]
+           "QUANT_DTYPES", "WEIGHT_ONLY_MAX_ROWS", "weight_only_max_rows", "cpu_has_int8_dot"]
