@@ -138,3 +138,5 @@ def test_pipeline_int8(tmp_path):
     assert generate.main(["--model", str(run), "--prompt", "a red circle", "--dtype", "int8", "--out-dir", str(out),
                           "--threads", "1"]) == 0
     assert (out / "0_0.png").is_file()
+    with pytest.raises(ValueError, match="int8 weights"):
+        pipe.load_lora(tmp_path)  # adapters go on the float weights, before quantizing
