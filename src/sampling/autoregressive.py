@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .filters import Generators, check_generators, sample_from_logits
 from .guidance import double_for_guidance, guidance_enabled, prepare_text_pair, split_guidance
+from .jacobi import JacobiDecoder
 
 
 def num_image_tokens(model) -> int:
@@ -36,6 +37,7 @@ def sample_autoregressive(
     prefix_ids: Optional[torch.Tensor] = None,
     init_ids: Optional[torch.Tensor] = None,
     known_mask: Optional[torch.Tensor] = None,
+    jacobi_window: int = 1,
     progress: bool = False,
 ) -> torch.Tensor:
     """Sample image ids [B, N] from a GPT conditioned on text_ids [B, T].
@@ -46,6 +48,8 @@ def sample_autoregressive(
     init_ids [B, N] + known_mask bool [B, N] or [N]: force the known tokens wherever they occur (editing with a
     causal model: each generated token sees the known tokens above/left of it, later known tokens are kept).
     generator: one torch.Generator for the batch, or a list with one per row.
+    jacobi_window W > 1: speculative Jacobi decoding (sampling/jacobi.py): W draft tokens per row verified in one
+    cached pass, fewer passes, the same distribution as one-token sampling (not the same ids for a seed).
     """
     batch, device = text_ids.shape[0], text_ids.device
     n_tokens = num_image_tokens(model)
@@ -62,10 +66,20 @@ def sample_autoregressive(
         )
     known, forced = _forced_tokens(init_ids, known_mask, batch, n_tokens, device)
 
+    if not isinstance(jacobi_window, int) or isinstance(jacobi_window, bool) or jacobi_window < 1:
+        raise ValueError(f"jacobi_window must be an integer >= 1 (1 = one token per step), got {jacobi_window!r}")
+    if jacobi_window > 1 and not use_kv_cache:
+        raise ValueError("jacobi_window > 1 needs the KV cache (use_kv_cache=True)")
+
     ids = prefix_ids
     start = prefix_ids.shape[1]
     if start == n_tokens:
         return ids.clone()
+    if jacobi_window > 1:
+        decoder = JacobiDecoder(model, text_in, prefix_ids, window=jacobi_window, use_guidance=use_guidance,
+                                guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                                generator=generator, known=known, forced=forced)
+        return decoder.run(progress)
     steps = range(start, n_tokens)
     if progress:
         steps = tqdm(steps, desc="tokens", leave=False)

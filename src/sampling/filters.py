@@ -105,12 +105,16 @@ def sample_from_logits(
 
     probs are the filtered, tempered probabilities the ids were drawn from (float32).
     """
+    probs = filtered_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    return multinomial_last_dim(probs, generator), probs
+
+
+def filtered_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+                   top_p: Optional[float] = None) -> torch.Tensor:
+    """The distribution one-token sampling draws from: softmax of the tempered, top-k/top-p filtered logits (float32)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    logits = logits.float() / temperature
-    logits = filter_logits(logits, top_k=top_k, top_p=top_p)
-    probs = logits.softmax(dim=-1)
-    return multinomial_last_dim(probs, generator), probs
+    return filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p).softmax(dim=-1)
 
 
 def mask_by_random_topk(
@@ -134,6 +138,7 @@ __all__ = [
     "uniform_noise",
     "multinomial_last_dim",
     "sample_from_logits",
+    "filtered_probs",
     "mask_by_random_topk",
     "check_generators",
 ]

@@ -124,9 +124,32 @@ class GPT(TokenTransformer):
             raise ValueError(f"decode_step: the cache is full (max_len={cache.max_len}); prefill with a larger max_len")
         if token.shape != (cache.batch_size,):
             raise ValueError(f"decode_step: token must be [B={cache.batch_size}], got shape {tuple(token.shape)}")
-        start = cache.index
-        x = self.embed.image(token[:, None], start=pos)  # [B, 1, C]
+        logits, cache = self._feed(token[:, None], pos, cache)
+        return logits[:, 0], cache
+
+    @torch.no_grad()
+    def decode_window(self, tokens: torch.Tensor, pos: int, cache: KVCache) -> tuple[torch.Tensor, KVCache]:
+        """Feed n image tokens [B, n] at image positions pos..pos+n-1 in one cached pass (speculative decoding).
+
+        The cache must hold the image tokens before pos; anything it holds from pos on (an earlier window's rejected
+        drafts) is overwritten, so rewinding is just passing a smaller pos. Returns (float32 logits [B, n,
+        codebook_size] for image tokens pos+1..pos+n, the cache holding positions < pos+n).
+        """
+        c = self.config
+        pos, held = int(pos), cache.index - c.text_len
+        if tokens.dim() != 2 or tokens.shape[0] != cache.batch_size or tokens.shape[1] < 1:
+            raise ValueError(f"decode_window: tokens must be [B={cache.batch_size}, n>=1], got {tuple(tokens.shape)}")
+        n = tokens.shape[1]
+        if not 0 <= pos <= held:
+            raise ValueError(f"decode_window: pos={pos}, but the cache holds image tokens 0..{held - 1} (pos <= {held})")
+        if pos + n - 1 > c.num_image_tokens - 2:
+            raise ValueError(f"decode_window: positions {pos}..{pos + n - 1} go past N-2={c.num_image_tokens - 2}")
+        return self._feed(tokens, pos, cache)
+
+    def _feed(self, tokens: torch.Tensor, pos: int, cache: KVCache) -> tuple[torch.Tensor, KVCache]:
+        start = self.config.text_len + pos
+        x = self.embed.image(tokens, start=pos)  # [B, n, C]
         for i, block in enumerate(self.blocks):
             x = block(x, causal=True, kv_cache=cache.layer(i), start=start)
-        cache.index = start + 1
-        return self.head(self.ln_f(x[:, -1])).float(), cache
+        cache.index = start + tokens.shape[1]
+        return self.head(self.ln_f(x)).float(), cache  # [B, n, V]
