@@ -2,7 +2,7 @@
 
     python benchmarks/demo_quality.py [--run demo] [--kinds mim gpt] [--prompts 96] [-k 4] [--seed 0]
                                       [--guidance-scale G] [--steps T] [--temperature T] [--top-k K]
-                                      [--choice-temperature C] [--recon] [--grid] [--json OUT.json]
+                                      [--choice-temperature C] [--dtype int8] [--recon] [--grid] [--json OUT.json]
 
 --run is the output directory of `python -m tokenpaint.demo` (`make demo`); if it holds no trained generators, the
 demo is run first (with its default time budgets). For each generator, K images are sampled for each of --prompts
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, kind in (("guidance-scale", float), ("steps", int), ("temperature", float), ("top-k", int),
                        ("top-p", float), ("choice-temperature", float)):
         p.add_argument(f"--{name}", type=kind, help="sampler override (default: the run's sample: section)")
+    p.add_argument("--dtype", default="float32", help="generator weights: float32, bfloat16 or int8 (quantized)")
     p.add_argument("--recon", action="store_true", help="also judge VQGAN reconstructions of the val images")
     p.add_argument("--grid", action="store_true", help="save RUN/quality_KIND.png (one row per prompt)")
     p.add_argument("--json", metavar="OUT.json", help="also write the scores as JSON")
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         results["vqgan_recon"] = judge_reconstructions(args.run, os.path.join(args.run, "data", "val.tsv"), 256)
         print(format_row("vqgan recon", results["vqgan_recon"], "(val images through the VQGAN: the ceiling)"))
     for kind in args.kinds:
-        pipe = Pipeline.from_pretrained(os.path.join(args.run, kind))
+        pipe = Pipeline.from_pretrained(os.path.join(args.run, kind), dtype=args.dtype)
         if args.choice_temperature is not None:
             pipe.defaults["choice_temperature"] = args.choice_temperature
         t0 = time.monotonic()

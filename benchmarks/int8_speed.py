@@ -107,7 +107,7 @@ def error_section(f32, int8):
         for pos in range(16):
             logits, cache = model.decode_step(ids[:, pos], pos, cache)
             sink.append(logits)
-    rows.append(["17 cached steps (weight-only int8)", _rel(torch.stack(step_out), torch.stack(step_ref)),
+    rows.append(["17 cached steps (this CPU's decode-step kernel)", _rel(torch.stack(step_out), torch.stack(step_ref)),
                  _agree(torch.stack(step_out), torch.stack(step_ref))])
     print("## error: int8 vs float32 logits, random weights")
     print_table(["path", "relative error", "argmax agreement"], rows)

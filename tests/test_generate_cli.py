@@ -94,7 +94,7 @@ def test_inpaint_from_the_command_line(run_dir, tmp_path):
         (["--input", "missing.tsv"], "missing.tsv"),
         (["--prompt", "x", "--input", "p.tsv"], "not allowed with"),
         ([], "one of the arguments --prompt --input is required"),
-        (["--prompt", "x", "--dtype", "int8"], "--dtype"),
+        (["--prompt", "x", "--dtype", "int4"], "--dtype"),
         (["--prompt", "x", "--edit-mode", "img2img"], "--edit-mode needs --init-image"),
         (["--prompt", "x", "--threads", "0"], "--threads must be >= 1"),
     ],

@@ -176,7 +176,7 @@ def test_unknown_model_dir_and_incomplete_run(tmp_path, runs):
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         Pipeline.from_pretrained(tmp_path / "partial")
     with pytest.raises(ValueError, match="dtype"):
-        Pipeline.from_pretrained(runs["gpt"], dtype="int8")
+        Pipeline.from_pretrained(runs["gpt"], dtype="int4")
 
 
 def test_long_prompt_is_truncated_with_a_warning(pipe):
