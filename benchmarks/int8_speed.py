@@ -19,6 +19,9 @@ Sections:
   memory     generator weight bytes (parameters and buffers), float32 vs int8.
   error      int8 logits vs float32 logits (random weights at gpt_base size): relative error and argmax agreement
              over a full forward and over cached decode steps.
+  demo       with --run DIR (the output of `make demo`): the demo GPT's decoding of --demo-prompts held-out prompts
+             (ids sampled in float32 with the run's sampler settings), replayed through cached decode steps in float32
+             and in int8: share of positions whose guided argmax agrees, and the logits' relative error.
 Targets (issue): int8 >= 2x float32 per decode step at batch 1, >= 1.8x per whole image; float32 decode step within
 1.5x of its floor; weight memory 4x lower.
 """
@@ -35,7 +38,7 @@ from tokenpaint.sampling import sample_autoregressive, sample_masked
 from tokenpaint.transformer.quantize import (Int8Embedding, Int8Linear, cpu_has_int8_dot, quantize_int8, weight_bytes,
                                              weight_only_max_rows)
 
-SECTIONS = ("bandwidth", "kernels", "step", "image", "masked", "memory", "error")
+SECTIONS = ("bandwidth", "kernels", "step", "image", "masked", "memory", "error", "demo")
 
 
 def bandwidth_gbs(megabytes: int) -> float:
@@ -113,6 +116,39 @@ def error_section(f32, int8):
     print_table(["path", "relative error", "argmax agreement"], rows)
 
 
+@torch.inference_mode()
+def demo_section(run: str, n_prompts: int, seed: int) -> None:
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from demo_quality import held_out_prompts
+    from tokenpaint import Pipeline
+    from tokenpaint.sampling.guidance import guidance_enabled, prepare_text_pair, split_guidance
+
+    pipe = Pipeline.from_pretrained(os.path.join(run, "gpt"))
+    scale = pipe.defaults["guidance_scale"]
+    text = pipe.encode_text(held_out_prompts(n_prompts, os.path.join(run, "data", "train.tsv"), seed))
+    ids = sample_autoregressive(pipe.model, text, guidance_scale=scale, temperature=pipe.defaults["temperature"],
+                                top_k=pipe.defaults["top_k"], top_p=pipe.defaults["top_p"],
+                                generator=torch.Generator().manual_seed(seed))
+    use_guidance = guidance_enabled(scale)
+    text_in = prepare_text_pair(text, None, use_guidance)
+    doubled = torch.cat([ids, ids]) if use_guidance else ids
+    logits = {}
+    for name, model in (("float32", pipe.model), ("int8", quantize_int8(copy.deepcopy(pipe.model)))):
+        out, cache = model.prefill(text_in)
+        steps = [out]
+        for pos in range(ids.shape[1] - 1):
+            out, cache = model.decode_step(doubled[:, pos], pos, cache)
+            steps.append(out)
+        logits[name] = split_guidance(torch.stack(steps, dim=1), scale, use_guidance)  # [B, N, V]
+    print(f"## demo: the demo GPT's decoding of {n_prompts} held-out prompts ({ids.numel()} positions, guidance "
+          f"{scale}), float32 vs int8 cached steps")
+    print_table(["argmax agreement", "relative error"],
+                [[_agree(logits["int8"], logits["float32"]), _rel(logits["int8"], logits["float32"])]])
+
+
 def _rel(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -133,6 +169,8 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--mim-steps", type=int, default=4, help="masked decoding steps (time is linear in them)")
     p.add_argument("--image-size", type=int, default=16, help="image tokens per side for the whole-image section")
+    p.add_argument("--run", help="demo output directory for the demo section (skipped without it)")
+    p.add_argument("--demo-prompts", type=int, default=48)
     args = p.parse_args(argv)
     setup(args)
     sections = set(args.sections)
@@ -179,6 +217,8 @@ def main(argv=None) -> int:
     if "error" in sections:
         error_section(f32, int8)
     del f32, int8
+    if "demo" in sections and args.run:
+        demo_section(args.run, args.demo_prompts, args.seed)
     if "masked" in sections:
         mim = build_generator("mim", layers=args.layers).eval()
         mim_int8 = quantize_int8(copy.deepcopy(mim))
