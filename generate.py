@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, help="nucleus sampling in [0, 1] (gpt; 0 = only the most likely id)")
     p.add_argument("--temperature", type=float)
     p.add_argument("--no-kv-cache", action="store_true", help="re-run the whole sequence each step (gpt)")
+    p.add_argument("--jacobi-window", type=int, metavar="W",
+                   help="gpt: speculative Jacobi decoding, W draft tokens per pass (same distribution, fewer passes)")
     p.add_argument("--init-image", metavar="PATH", help="edit this image instead of generating from scratch")
     p.add_argument("--mask", metavar="PATH", help="white = regenerate (same size as --init-image)")
     p.add_argument("--strength", type=float, default=0.6, help="img2img: share of tokens regenerated")
@@ -68,10 +70,13 @@ def check_args(parser: argparse.ArgumentParser, args) -> tuple[list[tuple[str, s
         kind = json.loads(config.read_text(encoding="utf-8")).get("kind")
         validate_options(num_images=args.num_images, batch_size=args.batch_size, steps=args.steps,
                          guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p,
-                         temperature=args.temperature, strength=args.strength, seed=args.seed)
+                         temperature=args.temperature, strength=args.strength, seed=args.seed,
+                         jacobi_window=args.jacobi_window)
     except ValueError as e:
         parser.error(f"--{str(e).split(' ')[0].replace('_', '-')}: {e}" if " must " in str(e) else str(e))
     check_device(parser, args.device)
+    if (args.jacobi_window or 1) > 1 and args.no_kv_cache:
+        parser.error("--jacobi-window needs the KV cache; drop --no-kv-cache")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     args.lora = [parse_lora(parser, spec) for spec in args.lora]
@@ -213,7 +218,8 @@ def main(argv=None) -> int:
         pipe.compile()
     options = dict(steps=args.steps, guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
                    top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
-                   use_kv_cache=not args.no_kv_cache, batch_size=args.batch_size, progress=True)
+                   use_kv_cache=not args.no_kv_cache, jacobi_window=args.jacobi_window, batch_size=args.batch_size,
+                   progress=True)
     n = args.num_images
     if args.init_image:
         images = []

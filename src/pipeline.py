@@ -31,9 +31,9 @@ from .transformer.quantize import QUANT_DTYPES, is_quantized
 from .utils import read_yaml
 
 # used when train_config.yaml has no `sample:` section (the same values as tokenpaint.transformer.SAMPLE_DEFAULTS)
-BUILTIN_DEFAULTS = dict(steps=12, guidance_scale=3.0, top_k=100, top_p=1.0, temperature=1.0)
+BUILTIN_DEFAULTS = dict(steps=12, guidance_scale=3.0, top_k=100, top_p=1.0, temperature=1.0, jacobi_window=1)
 SAMPLE_KEYS = ("steps", "guidance_scale", "top_k", "top_p", "temperature", "choice_temperature", "schedule",
-               "guidance_schedule")
+               "guidance_schedule", "jacobi_window")
 EDIT_MODES = ("inpaint", "outpaint", "img2img", "continue")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INFERENCE_DTYPES = (*DTYPES, *QUANT_DTYPES)  # what from_pretrained / generate.py --dtype accept
@@ -52,7 +52,8 @@ def _int(v) -> bool:
 
 
 def validate_options(*, num_images=1, batch_size=1, steps=None, guidance_scale=None, top_k=None, top_p=None,
-                     temperature=None, strength=None, mode=None, seed=None, num_seeds: int = 1) -> None:
+                     temperature=None, strength=None, mode=None, seed=None, num_seeds: int = 1,
+                     jacobi_window=None) -> None:
     """Raise ValueError naming the first bad argument; None means "use the default" and is always fine.
     `seed` must leave room for `num_seeds` consecutive seeds (image i uses seed + i)."""
     checks = [
@@ -64,6 +65,7 @@ def validate_options(*, num_images=1, batch_size=1, steps=None, guidance_scale=N
         ("top_k", top_k, lambda v: _int(v) and v >= 1, "an integer >= 1"),
         ("top_p", top_p, lambda v: _number(v) and 0 <= v <= 1, "in [0, 1] (0 = only the most likely id)"),
         ("temperature", temperature, lambda v: _number(v) and v > 0, "a finite number > 0"),
+        ("jacobi_window", jacobi_window, lambda v: _int(v) and v >= 1, "an integer >= 1 (1 = one token per step)"),
         ("strength", strength, lambda v: _number(v) and 0 < v <= 1, "in (0, 1]"),
         ("mode", mode, lambda v: v in EDIT_MODES, f"one of {list(EDIT_MODES)}"),
         ("seed", seed, lambda v: _int(v) and 0 <= v < SEED_LIMIT, "an integer in [0, 2**64)"),
@@ -278,16 +280,18 @@ class Pipeline:
     # ------------------------------------------------------------------ text -> images
     def __call__(self, prompts, num_images: int = 1, seed: int = 0, batch_size: int = 8, steps=None,
                  guidance_scale=None, negative_prompt=None, top_k=None, top_p=None, temperature=None,
-                 use_kv_cache: bool = True, progress: bool = False) -> list[Image.Image]:
-        """num_images images per prompt, prompt-major; image i uses the seed `seed + i`."""
+                 use_kv_cache: bool = True, jacobi_window=None, progress: bool = False) -> list[Image.Image]:
+        """num_images images per prompt, prompt-major; image i uses the seed `seed + i`. jacobi_window W > 1 (GPT):
+        speculative Jacobi decoding, fewer forward passes for the same distribution (docs/PERFORMANCE.md)."""
         ids = self.generate_ids(prompts, num_images=num_images, seed=seed, batch_size=batch_size, steps=steps,
                                 guidance_scale=guidance_scale, negative_prompt=negative_prompt, top_k=top_k,
-                                top_p=top_p, temperature=temperature, use_kv_cache=use_kv_cache, progress=progress)
+                                top_p=top_p, temperature=temperature, use_kv_cache=use_kv_cache,
+                                jacobi_window=jacobi_window, progress=progress)
         return self.decode(ids)
 
     def generate_ids(self, prompts, num_images: int = 1, seed: int = 0, batch_size: int = 8, steps=None,
                      guidance_scale=None, negative_prompt=None, top_k=None, top_p=None, temperature=None,
-                     use_kv_cache: bool = True, progress: bool = False) -> torch.Tensor:
+                     use_kv_cache: bool = True, jacobi_window=None, progress: bool = False) -> torch.Tensor:
         """Like __call__ but returns the image ids long [len(prompts) * num_images, h, w]."""
         prompts = _as_prompt_list(prompts)
         validate_options(num_images=num_images, seed=seed, num_seeds=len(prompts) * num_images)
@@ -300,11 +304,12 @@ class Pipeline:
         rows = [p for p in prompts for _ in range(num_images)]
         return self.sample_rows(rows, [seed + i for i in range(len(rows))], negatives, batch_size=batch_size,
                                 steps=steps, guidance_scale=guidance_scale, top_k=top_k, top_p=top_p,
-                                temperature=temperature, use_kv_cache=use_kv_cache, progress=progress)
+                                temperature=temperature, use_kv_cache=use_kv_cache, jacobi_window=jacobi_window,
+                                progress=progress)
 
     def sample_rows(self, prompts: Sequence[str], seeds: Sequence[int], negative_prompts=None, batch_size: int = 8,
                     steps=None, guidance_scale=None, top_k=None, top_p=None, temperature=None,
-                    use_kv_cache: bool = True, progress: bool = False) -> torch.Tensor:
+                    use_kv_cache: bool = True, jacobi_window=None, progress: bool = False) -> torch.Tensor:
         """One image per row: row r is prompts[r] sampled with its own generator seeded seeds[r] (negative prompt:
         None = the empty prompt, one string for all rows, or one per row). Rows never depend on each other, so
         rows of different requests can share a batch (tokenpaint.serve does). Returns ids long [R, h, w]."""
@@ -314,8 +319,8 @@ class Pipeline:
         for seed in seeds:
             validate_options(seed=seed)
         validate_options(batch_size=batch_size, steps=steps, guidance_scale=guidance_scale, top_k=top_k, top_p=top_p,
-                         temperature=temperature)
-        options = self._options(steps, guidance_scale, top_k, top_p, temperature, use_kv_cache)
+                         temperature=temperature, jacobi_window=jacobi_window)
+        options = self._options(steps, guidance_scale, top_k, top_p, temperature, use_kv_cache, jacobi_window)
         text = self.encode_text(prompts)  # [R, T]
         negative = self._negative_ids(negative_prompts, len(prompts))
         total = text.shape[0]
@@ -347,7 +352,7 @@ class Pipeline:
     def edit_ids(self, prompt: str, image, mask=None, mode: str = "inpaint", strength: float = 0.6, seed: int = 0,
                  num_images: int = 1, batch_size: int = 8, keep_rows: Optional[int] = None,
                  offset: Optional[tuple[int, int]] = None, steps=None, guidance_scale=None, negative_prompt=None,
-                 top_k=None, top_p=None, temperature=None, use_kv_cache: bool = True,
+                 top_k=None, top_p=None, temperature=None, use_kv_cache: bool = True, jacobi_window=None,
                  progress: bool = False) -> torch.Tensor:
         """Edit `image` (PIL or path) under `prompt`; returns num_images images (image i uses seed + i).
 
@@ -359,7 +364,7 @@ class Pipeline:
         """
         validate_options(num_images=num_images, batch_size=batch_size, steps=steps, guidance_scale=guidance_scale,
                          top_k=top_k, top_p=top_p, temperature=temperature, strength=strength, mode=mode, seed=seed,
-                         num_seeds=num_images)
+                         num_seeds=num_images, jacobi_window=jacobi_window)
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
         image = _open_image(image, "image").convert("RGB")
@@ -372,7 +377,7 @@ class Pipeline:
             raise ValueError("mask is required for mode='inpaint'")
         if mode == "img2img" and self.kind != "mim":
             raise ValueError("mode='img2img' needs a masked (mim) model; use 'inpaint' or 'continue' with a GPT")
-        options = self._options(steps, guidance_scale, top_k, top_p, temperature, use_kv_cache)
+        options = self._options(steps, guidance_scale, top_k, top_p, temperature, use_kv_cache, jacobi_window)
         side = self.tokens_per_side
         if mode == "continue":
             if keep_rows is None:
@@ -409,8 +414,9 @@ class Pipeline:
         return torch.cat(out).view(num_images, side, side)
 
     # ------------------------------------------------------------------ helpers
-    def _options(self, steps, guidance_scale, top_k, top_p, temperature, use_kv_cache) -> dict:
-        given = dict(steps=steps, guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, temperature=temperature)
+    def _options(self, steps, guidance_scale, top_k, top_p, temperature, use_kv_cache, jacobi_window=None) -> dict:
+        given = dict(steps=steps, guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, temperature=temperature,
+                     jacobi_window=jacobi_window)
         options = {**self.defaults, **{k: v for k, v in given.items() if v is not None}}
         options["use_kv_cache"] = use_kv_cache
         return options
@@ -420,7 +426,8 @@ class Pipeline:
         common = dict(negative_text_ids=negative_ids, guidance_scale=float(options["guidance_scale"]),
                       temperature=float(options["temperature"]), top_k=options["top_k"])
         if self.kind == "gpt":
-            return dict(common, top_p=options["top_p"], use_kv_cache=bool(options["use_kv_cache"]))
+            return dict(common, top_p=options["top_p"], use_kv_cache=bool(options["use_kv_cache"]),
+                        jacobi_window=int(options.get("jacobi_window", 1)))
         extra = {k: options[k] for k in ("choice_temperature", "schedule", "guidance_schedule") if k in options}
         return dict(common, steps=int(options["steps"]), **extra)
 

@@ -138,3 +138,41 @@ def test_bad_window_is_refused():
             sample_autoregressive(model, text, jacobi_window=bad)
     with pytest.raises(ValueError, match="KV cache"):
         sample_autoregressive(model, text, jacobi_window=4, use_kv_cache=False)
+
+
+def test_pipeline_sample_config_and_cli_reach_the_decoder(tmp_path, monkeypatch, capsys):
+    import sys
+    from pathlib import Path
+
+    from test_pipeline import CAPTIONS, build_run, tiny_vqgan
+    from tokenpaint import Pipeline
+    from tokenpaint.data import TextTokenizer
+    from tokenpaint.sampling import autoregressive
+
+    windows = []
+
+    class Recording(JacobiDecoder):
+        def __init__(self, *args, **kwargs):
+            windows.append(kwargs["window"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(autoregressive, "JacobiDecoder", Recording)
+    tokenizer = TextTokenizer.train(CAPTIONS, tmp_path / "spm" / "tok", vocab_size=400)
+    run = build_run(tmp_path, "gpt", tokenizer, tiny_vqgan(), sample={"jacobi_window": 3, "top_k": 1})
+    pipe = Pipeline.from_pretrained(run)
+    assert pipe.defaults["jacobi_window"] == 3
+    jacobi = pipe.generate_ids(["a red circle"], num_images=2, seed=0)
+    assert windows == [3]
+    assert torch.equal(jacobi, pipe.generate_ids(["a red circle"], num_images=2, seed=0, jacobi_window=1))  # greedy
+    with pytest.raises(ValueError, match="jacobi_window"):
+        pipe.generate_ids(["a red circle"], jacobi_window=0)
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import generate
+
+    assert generate.main(["--model", str(run), "--prompt", "a red circle", "--jacobi-window", "5",
+                          "--out-dir", str(tmp_path / "out")]) == 0
+    assert windows[-1] == 5
+    with pytest.raises(SystemExit):
+        generate.main(["--model", str(run), "--prompt", "x", "--jacobi-window", "4", "--no-kv-cache"])
+    assert "--jacobi-window" in capsys.readouterr().err

@@ -14,7 +14,7 @@ import argparse
 import signal
 import sys
 
-from ..pipeline import DTYPES, check_run_dir
+from ..pipeline import INFERENCE_DTYPES, check_run_dir
 from .settings import ServeSettings
 
 DEFAULTS = ServeSettings()
@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "every request; a request's `lora` field ({name: scale}, name = the directory's name) changes "
                         "the scales for that request (0 = off). Repeat to load several")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="cast the generator once")
+    p.add_argument("--dtype", choices=sorted(INFERENCE_DTYPES), default="float32",
+                   help="cast the generator once, or int8 weights (faster decoding on CPU, docs/PERFORMANCE.md)")
     return p
 
 

@@ -34,8 +34,10 @@ TRAIN_DEFAULTS: dict[str, Any] = dict(
     seed=0, decay_steps=None, val_batches=8, sample_images=4, cache_batch_size=64,  # decay_steps None: max_steps
 )
 # The last three only affect masked decoding (MaskGIT's choice temperature, mask and guidance schedules).
+# jacobi_window (GPT only): W > 1 = speculative Jacobi decoding with W draft tokens (sampling/jacobi.py).
 SAMPLE_DEFAULTS: dict[str, Any] = dict(steps=12, guidance_scale=3.0, top_k=100, top_p=1.0, temperature=1.0,
-                                       choice_temperature=4.5, schedule="cosine", guidance_schedule="constant")
+                                       choice_temperature=4.5, schedule="cosine", guidance_schedule="constant",
+                                       jacobi_window=1)
 TOKENIZER_DEFAULTS: dict[str, Any] = dict(vocab_size=8000)
 DATA_DEFAULTS: dict[str, Any] = dict(resolution=None, shuffle=True)  # resolution None: the VQGAN's
 # LoRA fine-tuning (train.py transformer --init-from BASE --lora RANK): rank null = train the whole model. alpha null
@@ -55,7 +57,7 @@ TRAIN_CHECKS: dict[str, Check] = {
 SAMPLE_CHECKS: dict[str, Check] = {
     "steps": integer(1), "guidance_scale": number(0), "top_k": integer(1).or_none("no top-k"),
     "top_p": number(0, 1).or_none("no top-p"), "temperature": number(0, lo_open=True),
-    "choice_temperature": number(0),
+    "choice_temperature": number(0), "jacobi_window": integer(1),
 }
 MODEL_CHECKS: dict[str, Check] = {
     **{f.name: _field_check(f) for cls in CONFIG_CLASSES.values() for f in fields(cls)},
