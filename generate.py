@@ -84,8 +84,10 @@ def check_args(parser: argparse.ArgumentParser, args) -> tuple[list[tuple[str, s
     if editing and not args.init_image:
         parser.error(f"{editing[0]} needs --init-image")
     for flag, path in (("--init-image", args.init_image), ("--mask", args.mask), ("--input", args.input)):
-        if path and not os.path.isfile(path):
+        if path and not os.path.exists(path):
             parser.error(f"{flag}: file {path} does not exist")
+        if path and not os.path.isfile(path):
+            parser.error(f"{flag}: {path} is not a regular file (a directory, FIFO or device)")
     check_images(parser, args)
     if args.init_image:
         args.edit_mode = args.edit_mode or ("inpaint" if args.mask else "img2img" if kind == "mim" else "continue")

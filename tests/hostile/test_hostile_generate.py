@@ -1,6 +1,7 @@
 """Hostile generate.py input: every check that needs no weights is made before they are loaded (bad images and masks,
 an incomplete run directory, a device that does not exist, seeds and counts out of range, guidance inf), and every
 output location is checked before sampling, so that no generated image is lost to a bad path at the end."""
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -63,7 +64,7 @@ def case_files(tmp_path, name):
                 "--mask is not used by --edit-mode outpaint")
     if name == "init image a directory":
         (tmp_path / "d.png").mkdir()
-        return ["--init-image", str(tmp_path / "d.png")], "--init-image: file"
+        return ["--init-image", str(tmp_path / "d.png")], f"--init-image: {tmp_path / 'd.png'} is not a regular file"
     raise KeyError(name)
 
 
@@ -121,3 +122,11 @@ def test_output_locations_are_checked_before_sampling(run_dir, tmp_path, capsys,
     expected = {"out-dir is a file": f"--out-dir: {blocker} is a file, not a folder",
                 "output is a folder": f"--output {tmp_path} is a folder"}.get(where, f"--output: {blocker} is a file")
     assert expected in err, err
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_a_prompt_tsv_that_is_not_a_file_fails_before_loading(run_dir, tmp_path, capsys, no_weights, kind):
+    path = tmp_path / "prompts.tsv"
+    path.mkdir() if kind == "directory" else os.mkfifo(path)
+    err = fail(["--model", str(run_dir), "--input", str(path), "--out-dir", str(tmp_path / "o")], capsys)
+    assert f"--input: {path} is not a regular file" in err, err
