@@ -18,6 +18,7 @@ Neither converts the weight matrix to float at run time. docs/PERFORMANCE.md has
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn as nn
@@ -30,7 +31,10 @@ INT8_DOT_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}  # /proc/cpuinfo flags 
 
 @functools.lru_cache(maxsize=None)
 def cpu_has_int8_dot() -> bool:
-    """True on CPUs with int8 dot-product instructions (VNNI / AMX), where the dynamic kernel wins at every M."""
+    """True on CPUs with int8 dot-product instructions (VNNI / AMX), where the dynamic kernel wins at every M.
+    False when oneDNN (torch._int_mm's CPU backend) is capped below them with ONEDNN_MAX_CPU_ISA=AVX2 or lower."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ("SSE41", "AVX", "AVX2"):
+        return False
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
