@@ -2,7 +2,8 @@
 
     python benchmarks/demo_quality.py [--run demo] [--kinds mim gpt] [--prompts 96] [-k 4] [--seed 0]
                                       [--guidance-scale G] [--steps T] [--temperature T] [--top-k K]
-                                      [--choice-temperature C] [--dtype int8] [--recon] [--grid] [--json OUT.json]
+                                      [--choice-temperature C] [--jacobi-window W] [--dtype int8] [--recon] [--grid]
+                                      [--json OUT.json]
 
 --run is the output directory of `python -m tokenpaint.demo` (`make demo`); if it holds no trained generators, the
 demo is run first (with its default time budgets). For each generator, K images are sampled for each of --prompts
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target", type=float, default=0.8, help="minimum 'match' fraction per generator")
     for name, kind in (("guidance-scale", float), ("steps", int), ("temperature", float), ("top-k", int),
-                       ("top-p", float), ("choice-temperature", float)):
+                       ("top-p", float), ("choice-temperature", float), ("jacobi-window", int)):
         p.add_argument(f"--{name}", type=kind, help="sampler override (default: the run's sample: section)")
     p.add_argument("--dtype", default="float32", help="generator weights: float32, bfloat16 or int8 (quantized)")
     p.add_argument("--recon", action="store_true", help="also judge VQGAN reconstructions of the val images")
@@ -105,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
 
     train_tsv = os.path.join(args.run, "data", "train.tsv")
     prompts = held_out_prompts(args.prompts, train_tsv, args.seed)
-    overrides = {k: getattr(args, k) for k in ("guidance_scale", "steps", "temperature", "top_k", "top_p")
-                 if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in ("guidance_scale", "steps", "temperature", "top_k", "top_p",
+                                               "jacobi_window") if getattr(args, k) is not None}
     print(f"{len(prompts)} held-out prompts x {args.images_per_prompt} images; overrides: {overrides or 'none'}; "
           f"torch threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f}")
     print(header())
