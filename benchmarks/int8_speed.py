@@ -8,8 +8,8 @@ Sections:
   bandwidth  this machine's memory bandwidth: a copy of --copy-mb MB (read + write), median of 5, measured first.
   kernels    one 768 -> 3072 Linear x 12 copies (113 MB float32, larger than the caches) at M rows: float32
              F.linear, the weight-only int8 kernel (_weight_int8pack_mm, bf16 activations) and dynamic int8
-             activations (torch._int_mm); which the library uses at M rows (tokenpaint.transformer.quantize:
-             weight-only up to 16 rows unless the CPU has VNNI/AMX) comes from here.
+             activations (torch._int_mm); the library's choice (tokenpaint.transformer.quantize: dynamic on CPU,
+             weight-only up to 16 rows on CUDA) comes from here.
   step       one cached GPT decode step (batch 1 and 8, no guidance: 1 and 8 rows per matmul), float32 vs int8 ms,
              each also as a multiple of its bandwidth floor = bytes of the weights a step reads (every Linear,
              the head included; one embedding row) / the measured bandwidth. Float32 and int8 steps alternate,
@@ -35,8 +35,7 @@ import torch
 
 from _common import add_common_args, build_generator, has_fast_bf16, print_table, random_text, setup, timed
 from tokenpaint.sampling import sample_autoregressive, sample_masked
-from tokenpaint.transformer.quantize import (Int8Embedding, Int8Linear, cpu_has_int8_dot, quantize_int8, weight_bytes,
-                                             weight_only_max_rows)
+from tokenpaint.transformer.quantize import Int8Embedding, Int8Linear, quantize_int8, weight_bytes, weight_only_max_rows
 
 SECTIONS = ("bandwidth", "kernels", "step", "image", "masked", "memory", "error", "demo")
 
@@ -75,8 +74,7 @@ def kernels_section(rows_list, repeats):
         t_dyn, _ = timed(lambda: [m._dynamic_int8(x) for m in q], repeats=repeats)
         table.append([rows, t_f32 * 1e3, t_wo * 1e3, t_dyn * 1e3, t_f32 / t_wo, t_f32 / t_dyn,
                       "weight-only" if rows <= limit else "dynamic"])
-    print(f"## kernels: 12 x Linear(768, 3072), ms per pass over the 12 (int8 dot products on this CPU: "
-          f"{'yes' if cpu_has_int8_dot() else 'no'})")
+    print("## kernels: 12 x Linear(768, 3072), ms per pass over the 12")
     print_table(["rows", "float32", "int8 weight-only", "int8 dynamic", "x wo", "x dyn", "library uses"], table)
 
 

@@ -5,49 +5,28 @@
 `Int8Embedding`. Weights are stored as int8 with one float scale per output channel (per row of an embedding):
 4x less weight memory, and the cached one-token decode step, which reads every weight once, reads 4x fewer bytes.
 
-The matmuls are torch's own int8 kernels, chosen by the number of rows M of the input:
-- weight-only: `torch.ops.aten._weight_int8pack_mm` with bfloat16 activations (its vectorised CPU path takes
-  bf16/fp16 activations; with float32 ones it is scalar and slower than float32). Used for M <= 16 rows (decode
-  steps, Jacobi windows) on CUDA and on CPUs without int8 dot-product instructions (AVX2 only).
-- dynamic int8 activations (one scale per row) and `torch._int_mm` (int8 x int8 -> int32), rescaled by the row and
-  channel scales: for more rows (masked decoding, prefill: compute-bound), and for every M on CPUs with VNNI/AMX
-  (there it beat the weight-only kernel even at one row; on AVX2 it was 6x slower at one row).
-Neither converts the weight matrix to float at run time. docs/PERFORMANCE.md has the measurements behind the split
-(benchmarks/int8_speed.py, section "kernels").
+The matmuls are torch's own int8 kernels; neither converts the weight matrix to float at run time:
+- dynamic int8 activations (one scale per row) and `torch._int_mm` (int8 x int8 -> int32, oneDNN on CPU, cuBLAS on
+  CUDA), rescaled by the row and channel scales. Used on CPU at every row count: it beat the weight-only kernel from
+  one row up, with VNNI and with oneDNN capped to AVX2 alike, and by 2-5x at the 288+ rows of masked decoding.
+- weight-only: `torch.ops.aten._weight_int8pack_mm` with bfloat16 activations, for up to 16 rows on CUDA (decode
+  steps, Jacobi windows), where `torch._int_mm` needs more than 16 rows. (On CPU its vectorised path takes bf16/fp16
+  activations only; with float32 ones it is a scalar loop, slower than float32.)
+docs/PERFORMANCE.md has the measurements (benchmarks/int8_speed.py, section "kernels").
 """
 from __future__ import annotations
-
-import functools
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-WEIGHT_ONLY_MAX_ROWS = 16  # measured crossover (benchmarks/int8_speed.py, section "kernels")
+WEIGHT_ONLY_MAX_ROWS = 16  # CUDA: torch._int_mm needs more rows than this
 QUANT_DTYPES = ("int8",)
-INT8_DOT_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}  # /proc/cpuinfo flags of CPUs with int8 dot products
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_has_int8_dot() -> bool:
-    """True on CPUs with int8 dot-product instructions (VNNI / AMX), where the dynamic kernel wins at every M.
-    False when oneDNN (torch._int_mm's CPU backend) is capped below them with ONEDNN_MAX_CPU_ISA=AVX2 or lower."""
-    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ("SSE41", "AVX", "AVX2"):
-        return False
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return bool(INT8_DOT_FLAGS & set(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    return False
 
 
 def weight_only_max_rows(device: torch.device) -> int:
     """Up to how many rows the weight-only kernel is used on `device` (above: dynamic int8 activations)."""
-    return 0 if device.type == "cpu" and cpu_has_int8_dot() else WEIGHT_ONLY_MAX_ROWS
+    return 0 if device.type == "cpu" else WEIGHT_ONLY_MAX_ROWS
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,4 +132,4 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 __all__ = ["quantize_int8", "Int8Linear", "Int8Embedding", "quantize_rows", "is_quantized", "weight_bytes",
-           "QUANT_DTYPES", "WEIGHT_ONLY_MAX_ROWS", "weight_only_max_rows", "cpu_has_int8_dot"]
+           "QUANT_DTYPES", "WEIGHT_ONLY_MAX_ROWS", "weight_only_max_rows"]
