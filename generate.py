@@ -16,9 +16,14 @@ import os
 import sys
 from pathlib import Path
 
-from tokenpaint.pipeline import (EDIT_MODES, INFERENCE_DTYPES, QUANT_DTYPES, Pipeline, check_run_dir, make_grid,
-                                 validate_options)
+from tokenpaint.pipeline import (EDIT_MODES, INFERENCE_DTYPES, QUANT_DTYPES, Pipeline, check_edit_mode,
+                                 check_run_dir, default_edit_mode, make_grid)
+from tokenpaint.sampling import OptionError, SampleOptions, check_option, check_seeds
 from tokenpaint.transformer.lora import parse_lora_spec
+
+SAMPLE_FLAGS = ("steps", "guidance_scale", "top_k", "top_p", "temperature", "jacobi_window")  # options with a flag
+# option names whose flag is not `--` + the name with dashes
+FLAGS = {"mode": "--edit-mode", "mask": "--mask", "use_kv_cache": "--no-kv-cache"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def flag(option: str) -> str:
+    """The command-line flag of an option name (as OptionError names it)."""
+    return FLAGS.get(option, "--" + option.replace("_", "-"))
+
+
+def sample_options(args) -> dict:
+    """The sampler options given on the command line (the others keep the run's defaults)."""
+    given = {name: getattr(args, name) for name in SAMPLE_FLAGS if getattr(args, name) is not None}
+    return {**given, "use_kv_cache": not args.no_kv_cache}
+
+
 def check_args(parser: argparse.ArgumentParser, args) -> tuple[list[tuple[str, str]], str]:
     """Every check that needs no model weights; returns ([(idx, text)], generator kind)."""
     config = Path(args.model) / "config.json"
@@ -68,36 +84,35 @@ def check_args(parser: argparse.ArgumentParser, args) -> tuple[list[tuple[str, s
         parser.error(f"--model: {e}")
     try:
         kind = json.loads(config.read_text(encoding="utf-8")).get("kind")
-        validate_options(num_images=args.num_images, batch_size=args.batch_size, steps=args.steps,
-                         guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p,
-                         temperature=args.temperature, strength=args.strength, seed=args.seed,
-                         jacobi_window=args.jacobi_window)
-    except ValueError as e:
-        parser.error(f"--{str(e).split(' ')[0].replace('_', '-')}: {e}" if " must " in str(e) else str(e))
+    except json.JSONDecodeError as e:
+        parser.error(f"--model: {config}: invalid JSON at line {e.lineno}: {e.msg}")
+    try:
+        for name in ("num_images", "batch_size", "strength", "seed"):
+            check_option(name, getattr(args, name))
+        SampleOptions().replace(**sample_options(args))
+    except OptionError as e:
+        parser.error(f"{flag(e.name)}: {e}")
     check_device(parser, args.device)
     if (args.jacobi_window or 1) > 1 and args.no_kv_cache:
         parser.error("--jacobi-window needs the KV cache; drop --no-kv-cache")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     args.lora = [parse_lora(parser, spec) for spec in args.lora]
-    editing = [flag for flag, value in (("--mask", args.mask), ("--edit-mode", args.edit_mode)) if value]
+    editing = [name for name, value in (("--mask", args.mask), ("--edit-mode", args.edit_mode)) if value]
     if editing and not args.init_image:
         parser.error(f"{editing[0]} needs --init-image")
-    for flag, path in (("--init-image", args.init_image), ("--mask", args.mask), ("--input", args.input)):
+    for name, path in (("--init-image", args.init_image), ("--mask", args.mask), ("--input", args.input)):
         if path and not os.path.exists(path):
-            parser.error(f"{flag}: file {path} does not exist")
+            parser.error(f"{name}: file {path} does not exist")
         if path and not os.path.isfile(path):
-            parser.error(f"{flag}: {path} is not a regular file (a directory, FIFO or device)")
+            parser.error(f"{name}: {path} is not a regular file (a directory, FIFO or device)")
     check_images(parser, args)
     if args.init_image:
-        args.edit_mode = args.edit_mode or ("inpaint" if args.mask else "img2img" if kind == "mim" else "continue")
-        if args.edit_mode == "inpaint" and not args.mask:
-            parser.error("--edit-mode inpaint needs --mask")
-        if args.edit_mode in ("img2img", "outpaint") and args.mask:
-            parser.error(f"--mask is not used by --edit-mode {args.edit_mode}; use --edit-mode inpaint to "
-                         f"regenerate a region")
-        if args.edit_mode == "img2img" and kind != "mim":
-            parser.error("--edit-mode img2img needs a masked (mim) model; use inpaint or continue with a gpt")
+        args.edit_mode = args.edit_mode or default_edit_mode(kind, has_mask=args.mask is not None)
+        try:
+            check_edit_mode(kind, args.edit_mode, has_mask=args.mask is not None)
+        except OptionError as e:
+            parser.error(f"{flag(e.name)}: {e}")
     if args.prompt is not None:
         prompts = [(str(i), text) for i, text in enumerate(args.prompt)]
     else:
@@ -110,8 +125,8 @@ def check_args(parser: argparse.ArgumentParser, args) -> tuple[list[tuple[str, s
         if not prompts:
             parser.error(f"--input: {args.input} holds no prompts")
     try:  # image i of the request uses seed + i
-        validate_options(seed=args.seed, num_seeds=len(prompts) * args.num_images)
-    except ValueError as e:
+        check_seeds(args.seed, len(prompts) * args.num_images)
+    except OptionError as e:
         parser.error(f"--seed: {e}")
     return prompts, kind
 
@@ -218,10 +233,8 @@ def main(argv=None) -> int:
         pipe.fuse_lora().quantize(args.dtype)
     if args.compile:
         pipe.compile()
-    options = dict(steps=args.steps, guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
-                   top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
-                   use_kv_cache=not args.no_kv_cache, jacobi_window=args.jacobi_window, batch_size=args.batch_size,
-                   progress=True)
+    options = dict(negative_prompt=args.negative_prompt, batch_size=args.batch_size, progress=True,
+                   **sample_options(args))
     n = args.num_images
     if args.init_image:
         images = []

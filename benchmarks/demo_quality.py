@@ -62,14 +62,14 @@ def header() -> str:
 def judge_reconstructions(run_dir: str, val_tsv: str, limit: int) -> dict:
     """measure_scene on VQGAN reconstructions of the val images vs their captions (the tokenizer's ceiling)."""
     from tokenpaint.data import TSVImageText
-    from tokenpaint.pipeline import to_pil
+    from tokenpaint.data import tensor_to_pil
     from tokenpaint.vqgan import VQGAN
 
     vqgan = VQGAN.from_pretrained(os.path.join(run_dir, "vqgan")).eval()
     verdicts = []
     for row in TSVImageText(val_tsv, vqgan.config.resolution):
         x = row["image"][None]
-        verdicts.append(judge(to_pil(vqgan.decode(vqgan.encode(x))[0]), row["text"]))
+        verdicts.append(judge(tensor_to_pil(vqgan.decode(vqgan.encode(x))[0]), row["text"]))
         if len(verdicts) == limit:
             break
     return summarize_verdicts(verdicts)
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind in args.kinds:
         pipe = Pipeline.from_pretrained(os.path.join(args.run, kind), dtype=args.dtype)
         if args.choice_temperature is not None:
-            pipe.defaults["choice_temperature"] = args.choice_temperature
+            pipe.options = pipe.options.replace(choice_temperature=args.choice_temperature)
         t0 = time.monotonic()
         images = pipe(prompts, num_images=args.images_per_prompt, seed=args.seed, **overrides)  # prompt-major
         seconds = time.monotonic() - t0
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         by_lang = {lang: summarize_verdicts([v for i, v in enumerate(verdicts) if (i // k) % 2 == j])["match"]
                    for j, lang in enumerate(("en", "zh"))}
         results[kind] = dict(scores, match_en=by_lang["en"], match_zh=by_lang["zh"], seconds=seconds,
-                             images=len(images), sampler={**pipe.defaults, **overrides})
+                             images=len(images), sampler=pipe.options.replace(**overrides).to_dict())
         print(format_row(kind, scores, f"en {by_lang['en']:.2f} zh {by_lang['zh']:.2f}; "
                                        f"{seconds / len(images) * 1000:.0f} ms/image"), flush=True)
         if scores["match"] < args.target:

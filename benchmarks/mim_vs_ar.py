@@ -52,7 +52,7 @@ def main() -> None:
 
     def run_mim(text, steps=args.steps, seed=args.seed):
         g = torch.Generator().manual_seed(seed)
-        return sample_masked(mim, text, steps=steps, guidance_scale=args.guidance, generator=g)
+        return sample_masked(mim, text, steps=steps, guidance_scale=args.guidance, top_k=None, generator=g)
 
     def measure(label: str) -> list[list]:
         rows = []

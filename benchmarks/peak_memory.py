@@ -45,7 +45,7 @@ def child(args) -> None:
     text = random_text(1)
     g = torch.Generator().manual_seed(0)
     if kind == "gpt":
-        ids = sample_autoregressive(model, text, top_k=100, generator=g, use_kv_cache=kv)
+        ids = sample_autoregressive(model, text, guidance_scale=1.0, top_k=100, generator=g, use_kv_cache=kv)
     else:
         ids = sample_masked(model, text, steps=args.steps, guidance_scale=1.0, generator=g)
     assert ids.shape == (1, model.config.num_image_tokens)

@@ -29,7 +29,6 @@ import subprocess
 import sys
 import time
 import traceback
-from pathlib import Path
 from typing import Optional, Sequence
 
 from PIL import Image, ImageDraw, ImageFont

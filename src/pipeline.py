@@ -14,87 +14,45 @@ import contextlib
 import math
 import os
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from einops import rearrange
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .sampling import continue_image, img2img, inpaint, outpaint, pixel_mask_to_token_mask, sample_autoregressive
-from .sampling import sample_masked
+from .data.tsv import pil_to_tensor, tensor_to_pil
+from .sampling import (OptionError, SampleOptions, check_option, check_seeds, continue_image, img2img, inpaint,
+                       outpaint, pixel_mask_to_token_mask, sample)
 from .sampling.editing import pixel_mask_to_bool
 from .transformer.lora import DEFAULT_SCALE as LORA_SCALE
 from .transformer.lora import LoRAAdapter, LoRASet, base_hash
 from .transformer.quantize import QUANT_DTYPES, is_quantized
 from .utils import read_yaml
 
-# used when train_config.yaml has no `sample:` section (the same values as tokenpaint.transformer.SAMPLE_DEFAULTS)
-BUILTIN_DEFAULTS = dict(steps=12, guidance_scale=3.0, top_k=100, top_p=1.0, temperature=1.0, jacobi_window=1)
-SAMPLE_KEYS = ("steps", "guidance_scale", "top_k", "top_p", "temperature", "choice_temperature", "schedule",
-               "guidance_schedule", "jacobi_window")
 EDIT_MODES = ("inpaint", "outpaint", "img2img", "continue")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INFERENCE_DTYPES = (*DTYPES, *QUANT_DTYPES)  # what from_pretrained / generate.py --dtype accept
 
 
-SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2**64); image i of a request uses seed + i
-MAX_IMAGES_PER_PROMPT = 10_000
+def read_sample_defaults(path: Path) -> SampleOptions:
+    """The run's sampler defaults: SAMPLE_DEFAULTS updated by the `sample:` section of train_config.yaml if present.
 
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def validate_options(*, num_images=1, batch_size=1, steps=None, guidance_scale=None, top_k=None, top_p=None,
-                     temperature=None, strength=None, mode=None, seed=None, num_seeds: int = 1,
-                     jacobi_window=None) -> None:
-    """Raise ValueError naming the first bad argument; None means "use the default" and is always fine.
-    `seed` must leave room for `num_seeds` consecutive seeds (image i uses seed + i)."""
-    checks = [
-        ("num_images", num_images, lambda v: _int(v) and 1 <= v <= MAX_IMAGES_PER_PROMPT,
-         f"an integer in [1, {MAX_IMAGES_PER_PROMPT}]"),
-        ("batch_size", batch_size, lambda v: _int(v) and v >= 1, "an integer >= 1"),
-        ("steps", steps, lambda v: _int(v) and v >= 1, "an integer >= 1"),
-        ("guidance_scale", guidance_scale, lambda v: _number(v) and v >= 0, "a finite number >= 0 (1 = no guidance)"),
-        ("top_k", top_k, lambda v: _int(v) and v >= 1, "an integer >= 1"),
-        ("top_p", top_p, lambda v: _number(v) and 0 <= v <= 1, "in [0, 1] (0 = only the most likely id)"),
-        ("temperature", temperature, lambda v: _number(v) and v > 0, "a finite number > 0"),
-        ("jacobi_window", jacobi_window, lambda v: _int(v) and v >= 1, "an integer >= 1 (1 = one token per step)"),
-        ("strength", strength, lambda v: _number(v) and 0 < v <= 1, "in (0, 1]"),
-        ("mode", mode, lambda v: v in EDIT_MODES, f"one of {list(EDIT_MODES)}"),
-        ("seed", seed, lambda v: _int(v) and 0 <= v < SEED_LIMIT, "an integer in [0, 2**64)"),
-    ]
-    for name, value, ok, wanted in checks:
-        if value is not None and not ok(value):
-            raise ValueError(f"{name} must be {wanted}, got {value!r}")
-    if seed is not None and seed + num_seeds > SEED_LIMIT:
-        raise ValueError(f"seed must leave room for the {num_seeds} images of the request (image i uses seed + i, "
-                         f"below 2**64): at most {SEED_LIMIT - num_seeds}, got {seed}")
-
-
-def read_sample_defaults(path: Path) -> dict:
-    """The sampler defaults: BUILTIN_DEFAULTS updated by the `sample:` section of train_config.yaml if present."""
-    defaults = dict(BUILTIN_DEFAULTS)
+    top_k / top_p null = no filtering (as in the training-time samples); other nulls keep the built-in default; keys
+    that are no sampler option are ignored.
+    """
     if not path.is_file():
-        return defaults
+        return SampleOptions()
     config = read_yaml(path) or {}
     section = config.get("sample") if isinstance(config, dict) else None
     if section is not None and not isinstance(section, dict):
         raise ValueError(f"{path}: section 'sample' must be a mapping, got {type(section).__name__}")
-    # top_k / top_p null = no filtering (as in the training-time samples); other nulls keep the built-in default
-    defaults.update({k: v for k, v in (section or {}).items()
-                     if k in SAMPLE_KEYS and (v is not None or k in ("top_k", "top_p"))})
+    given = {k: v for k, v in (section or {}).items()
+             if k in SampleOptions.names() and (v is not None or k in ("top_k", "top_p"))}
     try:
-        validate_options(**{k: defaults[k] for k in BUILTIN_DEFAULTS})
-    except ValueError as e:
-        raise ValueError(f"{path}: section 'sample': {e}") from None
-    return defaults
+        return SampleOptions(**given)
+    except OptionError as e:
+        raise OptionError(e.name, f"{path}: section 'sample': {e}") from None
 
 
 RUN_DIR_FILES = ("config.json", "model.safetensors", "tokenizer.model", "vqgan/config.json")
@@ -113,16 +71,21 @@ def check_run_dir(run_dir) -> Path:
     return run_dir
 
 
-def to_pil(x: torch.Tensor) -> Image.Image:
-    """float [3, H, W] in [-1, 1] (clamped) -> RGB PIL."""
-    pixels = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return Image.fromarray(rearrange(pixels, "c h w -> h w c").cpu().numpy(), "RGB")
+def default_edit_mode(kind: str, has_mask: bool) -> str:
+    """The edit mode when none is named: inpaint with a mask, else img2img (masked model) or continue (GPT)."""
+    return "inpaint" if has_mask else "img2img" if kind == "mim" else "continue"
 
 
-def from_pil(image: Image.Image) -> torch.Tensor:
-    """RGB PIL -> float [3, H, W] in [-1, 1]."""
-    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy())
-    return rearrange(pixels, "h w c -> c h w").float() / 127.5 - 1.0
+def check_edit_mode(kind: str, mode: str, has_mask: bool) -> None:
+    """Errors (OptionError naming "mode" or "mask") for a mode that cannot run with this model kind and mask."""
+    if mode not in EDIT_MODES:
+        raise OptionError("mode", f"mode must be one of {list(EDIT_MODES)}, got {mode!r}")
+    if mode == "inpaint" and not has_mask:
+        raise OptionError("mask", "mask is required for mode='inpaint'")
+    if has_mask and mode in ("img2img", "outpaint"):
+        raise OptionError("mask", f"mask is not used in mode {mode!r}; use mode='inpaint' to regenerate a region")
+    if mode == "img2img" and kind != "mim":
+        raise OptionError("mode", "mode='img2img' needs a masked (mim) model; use 'inpaint' or 'continue' with a GPT")
 
 
 def make_grid(images: Sequence[Image.Image], columns: int) -> Image.Image:
@@ -157,12 +120,16 @@ def _open_image(image, name: str) -> Image.Image:
 
 
 class Pipeline:
-    """A generator (GPT or masked transformer), its text tokenizer and its VQGAN, ready for inference."""
+    """A generator (GPT or masked transformer), its text tokenizer and its VQGAN, ready for inference.
 
-    def __init__(self, model, tokenizer, vqgan, defaults: Optional[dict] = None):
+    `options` (SampleOptions) are the sampler defaults of every call; a call's keyword arguments (steps=8, ...) or its
+    own `options=` override them.
+    """
+
+    def __init__(self, model, tokenizer, vqgan, options: Optional[SampleOptions] = None):
         self.model, self.tokenizer, self.vqgan = model, tokenizer, vqgan
         self.kind = model.config.kind
-        self.defaults = dict(BUILTIN_DEFAULTS if defaults is None else defaults)
+        self.options = SampleOptions() if options is None else options
         self.device = next(model.parameters()).device
         self._lora = None  # a LoRASet once an adapter is loaded (load_lora)
         self._base_sha256 = None  # the base weights' hash as saved (set by from_pretrained before a dtype cast)
@@ -191,12 +158,13 @@ class Pipeline:
             if dtype not in INFERENCE_DTYPES:
                 raise ValueError(f"dtype must be one of {sorted(INFERENCE_DTYPES)}, got {dtype!r}")
             dtype = DTYPES.get(dtype, dtype)
+        options = read_sample_defaults(run_dir / "train_config.yaml")
         model = load_generator(run_dir, map_location=device)
         sha256 = base_hash(model) if dtype not in (None, torch.float32) else None  # LoRA files name the saved weights
         model.prepare_for_inference(dtype)  # a one-time cast: autocast would re-cast weights at every decode step
         vqgan = VQGAN.from_pretrained(run_dir / "vqgan", map_location=str(device)).prepare_for_inference()
         tokenizer = TextTokenizer(str(run_dir / "tokenizer.model"))
-        pipe = cls(model, tokenizer, vqgan, read_sample_defaults(run_dir / "train_config.yaml"))
+        pipe = cls(model, tokenizer, vqgan, options)
         pipe._base_sha256 = sha256
         return pipe
 
@@ -278,106 +246,89 @@ class Pipeline:
         return self
 
     # ------------------------------------------------------------------ text -> images
-    def __call__(self, prompts, num_images: int = 1, seed: int = 0, batch_size: int = 8, steps=None,
-                 guidance_scale=None, negative_prompt=None, top_k=None, top_p=None, temperature=None,
-                 use_kv_cache: bool = True, jacobi_window=None, progress: bool = False) -> list[Image.Image]:
-        """num_images images per prompt, prompt-major; image i uses the seed `seed + i`. jacobi_window W > 1 (GPT):
-        speculative Jacobi decoding, fewer forward passes for the same distribution (docs/PERFORMANCE.md)."""
-        ids = self.generate_ids(prompts, num_images=num_images, seed=seed, batch_size=batch_size, steps=steps,
-                                guidance_scale=guidance_scale, negative_prompt=negative_prompt, top_k=top_k,
-                                top_p=top_p, temperature=temperature, use_kv_cache=use_kv_cache,
-                                jacobi_window=jacobi_window, progress=progress)
-        return self.decode(ids)
+    def __call__(self, prompts, **kwargs) -> list[Image.Image]:
+        """num_images PIL images per prompt, prompt-major; image i uses the seed `seed + i`. Arguments: generate_ids."""
+        return self.decode(self.generate_ids(prompts, **kwargs))
 
-    def generate_ids(self, prompts, num_images: int = 1, seed: int = 0, batch_size: int = 8, steps=None,
-                     guidance_scale=None, negative_prompt=None, top_k=None, top_p=None, temperature=None,
-                     use_kv_cache: bool = True, jacobi_window=None, progress: bool = False) -> torch.Tensor:
-        """Like __call__ but returns the image ids long [len(prompts) * num_images, h, w]."""
+    def generate_ids(self, prompts, num_images: int = 1, seed: int = 0, batch_size: int = 8, negative_prompt=None,
+                     options: Optional[SampleOptions] = None, progress: bool = False, **sample_options) -> torch.Tensor:
+        """Image ids long [len(prompts) * num_images, h, w] for one prompt or a list of prompts.
+
+        negative_prompt: one string for all prompts or one per prompt (replaces the empty prompt of guidance).
+        options / sample_options: sampler settings (SampleOptions fields: steps, guidance_scale, top_k, top_p,
+        temperature, use_kv_cache, ...); a keyword given as None keeps the pipeline's default.
+        """
         prompts = _as_prompt_list(prompts)
-        validate_options(num_images=num_images, seed=seed, num_seeds=len(prompts) * num_images)
+        self._check_request(num_images=num_images)
+        check_seeds(seed, len(prompts) * num_images)
         negatives = negative_prompt
         if negative_prompt is not None and not isinstance(negative_prompt, str):  # one per prompt -> one per row
             negatives = _as_prompt_list(negative_prompt, "negative_prompt")
             if len(negatives) not in (1, len(prompts)):
                 raise ValueError(f"negative_prompt: got {len(negatives)} negative prompts for {len(prompts)} prompts")
             negatives = [n for n in negatives * (len(prompts) // len(negatives)) for _ in range(num_images)]
-        rows = [p for p in prompts for _ in range(num_images)]
+        rows = [p for p in prompts for _ in range(num_images)]  # prompt-major
         return self.sample_rows(rows, [seed + i for i in range(len(rows))], negatives, batch_size=batch_size,
-                                steps=steps, guidance_scale=guidance_scale, top_k=top_k, top_p=top_p,
-                                temperature=temperature, use_kv_cache=use_kv_cache, jacobi_window=jacobi_window,
-                                progress=progress)
+                                options=options, progress=progress, **sample_options)
 
     def sample_rows(self, prompts: Sequence[str], seeds: Sequence[int], negative_prompts=None, batch_size: int = 8,
-                    steps=None, guidance_scale=None, top_k=None, top_p=None, temperature=None,
-                    use_kv_cache: bool = True, jacobi_window=None, progress: bool = False) -> torch.Tensor:
+                    options: Optional[SampleOptions] = None, progress: bool = False,
+                    **sample_options) -> torch.Tensor:
         """One image per row: row r is prompts[r] sampled with its own generator seeded seeds[r] (negative prompt:
         None = the empty prompt, one string for all rows, or one per row). Rows never depend on each other, so
-        rows of different requests can share a batch (tokenpaint.serve does). Returns ids long [R, h, w]."""
+        rows of different requests can share a batch (tokenpaint.serve does). Sampler settings as in generate_ids.
+        Returns ids long [R, h, w]."""
         prompts = _as_prompt_list(prompts)
         if len(seeds) != len(prompts):
             raise ValueError(f"seeds: got {len(seeds)} seeds for {len(prompts)} prompts")
+        self._check_request(batch_size=batch_size)
         for seed in seeds:
-            validate_options(seed=seed)
-        validate_options(batch_size=batch_size, steps=steps, guidance_scale=guidance_scale, top_k=top_k, top_p=top_p,
-                         temperature=temperature, jacobi_window=jacobi_window)
-        options = self._options(steps, guidance_scale, top_k, top_p, temperature, use_kv_cache, jacobi_window)
+            check_option("seed", seed)
+        options = self._resolve(options, sample_options)
         text = self.encode_text(prompts)  # [R, T]
         negative = self._negative_ids(negative_prompts, len(prompts))
-        total = text.shape[0]
-        out = []
-        bar = tqdm(total=total, desc="images", disable=not progress)
-        for start in range(0, total, batch_size):
-            rows = slice(start, min(start + batch_size, total))
-            gens = self._seeded_generators(seeds[rows])
-            out.append(self._sample(text[rows], negative[rows], gens, options))
-            bar.update(rows.stop - rows.start)
-        bar.close()
-        return torch.cat(out).view(total, self.tokens_per_side, self.tokens_per_side)
+
+        def run(rows: slice, generators) -> torch.Tensor:
+            return sample(self.model, text[rows], options, negative_text_ids=negative[rows], generator=generators)
+
+        return self._batched(list(seeds), batch_size, progress, run)
 
     @torch.inference_mode()
     def decode(self, ids: torch.Tensor) -> list[Image.Image]:
         """Image ids [M, h, w] -> M PIL images, decoded one at a time (so that no image depends on its batch)."""
-        return [to_pil(self.vqgan.decode(row[None].to(self.device))[0]) for row in ids]
+        return [tensor_to_pil(self.vqgan.decode(row[None].to(self.device))[0]) for row in ids]
 
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
         """Prompts -> text ids [B, text_len] on the device (a too long prompt is truncated with a warning)."""
         return self.tokenizer.encode(list(prompts), length=self.model.config.text_len).to(self.device)
 
     # ------------------------------------------------------------------ editing
-    def edit(self, prompt: str, image, mask=None, mode: str = "inpaint", strength: float = 0.6, seed: int = 0,
-             **kwargs) -> list[Image.Image]:
+    def edit(self, prompt: str, image, mask=None, mode: Optional[str] = None, **kwargs) -> list[Image.Image]:
         """Edit `image` under `prompt` and return PIL images; the arguments are those of `edit_ids`."""
-        return self.decode(self.edit_ids(prompt, image, mask=mask, mode=mode, strength=strength, seed=seed, **kwargs))
+        return self.decode(self.edit_ids(prompt, image, mask=mask, mode=mode, **kwargs))
 
-    def edit_ids(self, prompt: str, image, mask=None, mode: str = "inpaint", strength: float = 0.6, seed: int = 0,
-                 num_images: int = 1, batch_size: int = 8, keep_rows: Optional[int] = None,
-                 offset: Optional[tuple[int, int]] = None, steps=None, guidance_scale=None, negative_prompt=None,
-                 top_k=None, top_p=None, temperature=None, use_kv_cache: bool = True, jacobi_window=None,
-                 progress: bool = False) -> torch.Tensor:
+    def edit_ids(self, prompt: str, image, mask=None, mode: Optional[str] = None, strength: float = 0.6,
+                 seed: int = 0, num_images: int = 1, batch_size: int = 8, keep_rows: Optional[int] = None,
+                 offset: Optional[tuple[int, int]] = None, negative_prompt=None,
+                 options: Optional[SampleOptions] = None, progress: bool = False, **sample_options) -> torch.Tensor:
         """Edit `image` (PIL or path) under `prompt`; returns num_images images (image i uses seed + i).
 
+        mode (default: inpaint with a mask, else img2img for a masked model and continue for a GPT):
         inpaint: regenerate where `mask` (same size as the image; white / True = regenerate) is set.
         outpaint: place the image (scaled down to fit if needed) on the canvas at `offset` = (left, top) pixels
         (default: centred) and generate the rest. img2img (masked model): re-generate a `strength` fraction of the
         tokens. continue: keep the top `keep_rows` token rows (default: the rows above the mask, else half).
-        Returns image ids long [num_images, h, w].
+        Sampler settings as in generate_ids. Returns image ids long [num_images, h, w].
         """
-        validate_options(num_images=num_images, batch_size=batch_size, steps=steps, guidance_scale=guidance_scale,
-                         top_k=top_k, top_p=top_p, temperature=temperature, strength=strength, mode=mode, seed=seed,
-                         num_seeds=num_images, jacobi_window=jacobi_window)
+        self._check_request(num_images=num_images, batch_size=batch_size, strength=strength)
+        check_seeds(seed, num_images)
+        mode = default_edit_mode(self.kind, mask is not None) if mode is None else mode
+        check_edit_mode(self.kind, mode, mask is not None)
+        options = self._resolve(options, sample_options)
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
         image = _open_image(image, "image").convert("RGB")
-        token_mask = None
-        if mask is not None:
-            if mode in ("img2img", "outpaint"):
-                raise ValueError(f"mask is not used in mode {mode!r}; use mode='inpaint' to regenerate a region")
-            token_mask = self._token_mask(mask, image.size)
-        if mode == "inpaint" and token_mask is None:
-            raise ValueError("mask is required for mode='inpaint'")
-        if mode == "img2img" and self.kind != "mim":
-            raise ValueError("mode='img2img' needs a masked (mim) model; use 'inpaint' or 'continue' with a GPT")
-        options = self._options(steps, guidance_scale, top_k, top_p, temperature, use_kv_cache, jacobi_window)
+        token_mask = self._token_mask(mask, image.size) if mask is not None else None
         side = self.tokens_per_side
         if mode == "continue":
             if keep_rows is None:
@@ -390,51 +341,47 @@ class Pipeline:
             known_ids, (top, left) = self._outpaint_tokens(image, offset)
         else:
             known_ids = self._encode_image(image.resize((self.resolution,) * 2, Image.BICUBIC))  # [1, h, w]
-
         text = self.encode_text([prompt])
         negative = self._negative_ids(negative_prompt, 1)
-        out = []
-        bar = tqdm(total=num_images, desc="images", disable=not progress)
-        for start in range(0, num_images, batch_size):
-            count = min(batch_size, num_images - start)
-            gens = self._generators(seed, range(start, start + count))
-            kwargs = dict(self._sampler_kwargs(options, negative.expand(count, -1)), generator=gens)
+
+        def run(rows: slice, generators) -> torch.Tensor:
+            count = rows.stop - rows.start
             text_ids, known = text.expand(count, -1), known_ids.expand(count, -1, -1)
+            common = dict(negative_text_ids=negative.expand(count, -1), generator=generators)
             if mode == "inpaint":
-                ids = inpaint(self.model, text_ids, known, token_mask, **kwargs)
-            elif mode == "outpaint":
-                ids = outpaint(self.model, text_ids, known, top=top, left=left, **kwargs)
-            elif mode == "img2img":
-                ids = img2img(self.model, text_ids, known, strength, **kwargs)
-            else:
-                ids = continue_image(self.model, text_ids, known, keep_rows, **kwargs)
-            out.append(ids)
-            bar.update(count)
-        bar.close()
-        return torch.cat(out).view(num_images, side, side)
+                return inpaint(self.model, text_ids, known, token_mask, options, **common)
+            if mode == "outpaint":
+                return outpaint(self.model, text_ids, known, options, top=top, left=left, **common)
+            if mode == "img2img":
+                return img2img(self.model, text_ids, known, strength, options, **common)
+            return continue_image(self.model, text_ids, known, keep_rows, options, **common)
+
+        return self._batched([seed + i for i in range(num_images)], batch_size, progress, run)
 
     # ------------------------------------------------------------------ helpers
-    def _options(self, steps, guidance_scale, top_k, top_p, temperature, use_kv_cache, jacobi_window=None) -> dict:
-        given = dict(steps=steps, guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, temperature=temperature,
-                     jacobi_window=jacobi_window)
-        options = {**self.defaults, **{k: v for k, v in given.items() if v is not None}}
-        options["use_kv_cache"] = use_kv_cache
-        return options
+    def _resolve(self, options: Optional[SampleOptions], sample_options: dict) -> SampleOptions:
+        """`options` (default: the pipeline's) with the keyword options that were given (not None)."""
+        base = self.options if options is None else options
+        return base.replace(**{k: v for k, v in sample_options.items() if v is not None})
 
-    def _sampler_kwargs(self, options: dict, negative_ids) -> dict:
-        """The keyword arguments of the sampler this model uses (sample_autoregressive or sample_masked)."""
-        common = dict(negative_text_ids=negative_ids, guidance_scale=float(options["guidance_scale"]),
-                      temperature=float(options["temperature"]), top_k=options["top_k"])
-        if self.kind == "gpt":
-            return dict(common, top_p=options["top_p"], use_kv_cache=bool(options["use_kv_cache"]),
-                        jacobi_window=int(options.get("jacobi_window", 1)))
-        extra = {k: options[k] for k in ("choice_temperature", "schedule", "guidance_schedule") if k in options}
-        return dict(common, steps=int(options["steps"]), **extra)
+    @staticmethod
+    def _check_request(**values) -> None:
+        for name, value in values.items():
+            check_option(name, value)
 
-    def _sample(self, text_ids, negative_ids, generators, options) -> torch.Tensor:
-        kwargs = self._sampler_kwargs(options, negative_ids)
-        sampler = sample_masked if self.kind == "mim" else sample_autoregressive
-        return sampler(self.model, text_ids, generator=generators, **kwargs)
+    def _batched(self, seeds: list, batch_size: int, progress: bool,
+                 run: Callable[[slice, list], torch.Tensor]) -> torch.Tensor:
+        """run(rows, generators) over batches of at most batch_size rows; row i has a generator seeded seeds[i].
+        Returns the ids [len(seeds), h, w]."""
+        total, out = len(seeds), []
+        bar = tqdm(total=total, desc="images", disable=not progress)
+        for start in range(0, total, batch_size):
+            rows = slice(start, min(start + batch_size, total))
+            generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds[rows]]
+            out.append(run(rows, generators))
+            bar.update(rows.stop - rows.start)
+        bar.close()
+        return torch.cat(out).view(total, self.tokens_per_side, self.tokens_per_side)
 
     def _negative_ids(self, negative_prompt, n_prompts: int) -> torch.Tensor:
         """Negative prompt ids [n_prompts, T]: one string for all prompts, one per prompt, or the empty prompt."""
@@ -447,18 +394,9 @@ class Pipeline:
             raise ValueError(f"negative_prompt: got {len(negatives)} negative prompts for {n_prompts} prompts")
         return self.encode_text(negatives)
 
-    def _generators(self, seed: int, indices) -> list[torch.Generator]:
-        return self._seeded_generators([seed + i for i in indices])
-
-    def _seeded_generators(self, seeds) -> list[torch.Generator]:
-        bad = [s for s in seeds if not isinstance(s, int)]
-        if bad:
-            raise ValueError(f"seed must be an integer, got {bad[0]!r}")
-        return [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
-
     @torch.inference_mode()
     def _encode_image(self, image: Image.Image) -> torch.Tensor:
-        return self.vqgan.encode(from_pil(image)[None].to(self.device))  # [1, h, w]
+        return self.vqgan.encode(pil_to_tensor(image)[None].to(self.device))  # RGB image -> [1, h, w]
 
     def _token_mask(self, mask, image_size: tuple[int, int]) -> torch.Tensor:
         """A pixel mask the size of the input image -> bool [N] token mask on the model's canvas."""

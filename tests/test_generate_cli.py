@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from test_pipeline import RESOLUTION, build_run, CAPTIONS, tiny_vqgan
+from test_pipeline import RESOLUTION, build_run, CAPTIONS, png_bytes, tiny_vqgan
+from tokenpaint import Pipeline
 from tokenpaint.data import TextTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +79,16 @@ def test_inpaint_from_the_command_line(run_dir, tmp_path):
     generate.main(["--model", str(run_dir), "--prompt", "a red circle", "--init-image", str(tmp_path / "in.png"),
                    "--mask", str(tmp_path / "mask.png"), "--num-images", "2", "--out-dir", str(out_dir)])
     assert sorted(os.listdir(out_dir)) == ["0_0.png", "0_1.png"]
+    # the files are the Pipeline's inpainting (the default mode with a mask) with seeds 0 and 1 ...
+    pipe = Pipeline.from_pretrained(run_dir)
+    ids = pipe.edit_ids("a red circle", tmp_path / "in.png", mask=tmp_path / "mask.png", num_images=2, seed=0)
+    for k, expected in enumerate(pipe.decode(ids)):
+        assert (out_dir / f"0_{k}.png").read_bytes() == png_bytes(expected)
+    # ... which keeps the tokens left of the mask and regenerates the masked right half
+    original = pipe._encode_image(image)[0]  # [4, 4] tokens
+    assert torch.equal(ids[:, :, :2], original[:, :2].expand(2, -1, -1))
+    assert ((ids[:, :, 2:] != original[:, 2:]).float().mean() >= 0.5)
+    assert (out_dir / "0_0.png").read_bytes() != (out_dir / "0_1.png").read_bytes()
 
 
 @pytest.mark.parametrize(
@@ -96,10 +108,15 @@ def test_inpaint_from_the_command_line(run_dir, tmp_path):
         ([], "one of the arguments --prompt --input is required"),
         (["--prompt", "x", "--dtype", "int4"], "--dtype"),
         (["--prompt", "x", "--edit-mode", "img2img"], "--edit-mode needs --init-image"),
+        (["--prompt", "x", "--init-image", "in.png", "--edit-mode", "inpaint"], "--mask: mask is required"),
+        (["--prompt", "x", "--init-image", "in.png", "--mask", "in.png", "--edit-mode", "img2img"],
+         "--mask: mask is not used in mode 'img2img'"),
         (["--prompt", "x", "--threads", "0"], "--threads must be >= 1"),
     ],
 )
-def test_argument_errors(run_dir, capsys, extra, message):
+def test_argument_errors(run_dir, capsys, extra, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (RESOLUTION, RESOLUTION)).save("in.png")
     with pytest.raises(SystemExit) as exit_info:
         generate.main(["--model", str(run_dir)] + extra)
     assert exit_info.value.code == 2

@@ -47,7 +47,8 @@ def test_inpaint_keeps_known_tokens_and_changes_the_region(model_cls):
     region[n // 2 :] = True
     out = inpaint(model, TEXT, init, region, generator=gen(0), temperature=3.0)
     assert torch.equal(out[:, ~region], init[:, ~region])
-    assert (out[:, region] != 0).any()
+    # the region is sampled anew: most of its tokens differ from the all-zero input (one changed token is not enough)
+    assert (out[:, region] != 0).float().mean() >= 0.5
 
 
 def test_outpaint_places_known_tokens_and_generates_the_rest():
@@ -71,8 +72,12 @@ def test_img2img_masks_a_strength_fraction_and_runs_that_share_of_steps(strength
     assert len(model.inputs) == math.ceil(strength * 8)
     first = model.inputs[0][1]
     regenerated = first == model.mask_token_id
-    assert regenerated.sum(1).tolist() == [round(strength * 16)] * 2
-    assert torch.equal(out[~regenerated], init[~regenerated])
+    n_regenerated = round(strength * 16)
+    assert regenerated.sum(1).tolist() == [n_regenerated] * 2
+    assert torch.equal(out[~regenerated], init[~regenerated])  # the rest is kept exactly
+    # roughly a `strength` share of the tokens changes (a resampled token may land on its old value, ~1 in 8 here)
+    changed = (out != init).sum(1)
+    assert ((changed >= n_regenerated / 2) & (changed <= n_regenerated)).all(), (changed, n_regenerated)
 
 
 def test_random_token_mask_is_seeded_and_exact():

@@ -93,7 +93,7 @@ def test_cli_run_learns_and_writes_a_self_contained_run_directory(trained, kind)
     assert saved["model"]["codebook_size"] == 32 and saved["model"]["image_size"] == 4
 
     pipe = Pipeline.from_pretrained(out)
-    assert pipe.kind == kind and pipe.defaults["guidance_scale"] == 2.0
+    assert pipe.kind == kind and pipe.options.guidance_scale == 2.0
     images = pipe(["a small red circle at the top left"], num_images=1, seed=0)
     assert images[0].size == (16, 16) and images[0].mode == "RGB"
 

@@ -1,16 +1,27 @@
 """Samplers: autoregressive (GPT, KV cache) and iterative masked (MaskGIT) decoding, guidance and editing helpers.
 
 Free functions over a model; every random choice comes from the `torch.Generator` (or one generator per batch row)
-the caller passes, so results are reproducible.
+the caller passes, so results are reproducible. `sample(model, text_ids, SampleOptions(...))` picks the sampler of
+the model's kind; guidance is all in guidance.py.
 """
 
 from .autoregressive import num_image_tokens, sample_autoregressive
+from .dispatch import SAMPLERS, sample, sampler_for
 from .editing import continue_image, img2img, inpaint, outpaint, pixel_mask_to_token_mask, random_token_mask
 from .filters import filter_logits, gumbel_noise, mask_by_random_topk, sample_from_logits
 from .guidance import apply_guidance, guidance_at
 from .masked import sample_masked
+from .options import SAMPLE_DEFAULTS, OptionError, SampleOptions, check_option, check_seeds
 
 __all__ = [
+    "sample",
+    "sampler_for",
+    "SAMPLERS",
+    "SampleOptions",
+    "SAMPLE_DEFAULTS",
+    "OptionError",
+    "check_option",
+    "check_seeds",
     "sample_autoregressive",
     "sample_masked",
     "filter_logits",

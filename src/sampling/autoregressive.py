@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from .filters import Generators, check_generators, sample_from_logits
+from ..transformer.presets import SAMPLE_DEFAULTS as D
+from .filters import Generators, check_generators, known_tokens, sample_from_logits
 from .guidance import double_for_guidance, guidance_enabled, prepare_text_pair, split_guidance
 from .jacobi import JacobiDecoder
 
@@ -28,16 +29,16 @@ def sample_autoregressive(
     text_ids: torch.Tensor,
     *,
     negative_text_ids: Optional[torch.Tensor] = None,
-    guidance_scale: float = 1.0,
-    temperature: float = 1.0,
-    top_k: Optional[int] = 100,
-    top_p: Optional[float] = 1.0,
+    guidance_scale: float = D["guidance_scale"],
+    temperature: float = D["temperature"],
+    top_k: Optional[int] = D["top_k"],
+    top_p: Optional[float] = D["top_p"],
     generator: Generators = None,
-    use_kv_cache: bool = True,
+    use_kv_cache: bool = D["use_kv_cache"],
     prefix_ids: Optional[torch.Tensor] = None,
     init_ids: Optional[torch.Tensor] = None,
     known_mask: Optional[torch.Tensor] = None,
-    jacobi_window: int = 1,
+    jacobi_window: int = D["jacobi_window"],
     progress: bool = False,
 ) -> torch.Tensor:
     """Sample image ids [B, N] from a GPT conditioned on text_ids [B, T].
@@ -64,7 +65,7 @@ def sample_autoregressive(
         raise ValueError(
             f"prefix_ids must be [B={batch}, P<={n_tokens}], got shape {tuple(prefix_ids.shape)}"
         )
-    known, forced = _forced_tokens(init_ids, known_mask, batch, n_tokens, device)
+    known, forced = known_tokens(init_ids, known_mask, batch, n_tokens, int(model.config.codebook_size), device)
 
     if not isinstance(jacobi_window, int) or isinstance(jacobi_window, bool) or jacobi_window < 1:
         raise ValueError(f"jacobi_window must be an integer >= 1 (1 = one token per step), got {jacobi_window!r}")
@@ -102,25 +103,6 @@ def sample_autoregressive(
         if use_kv_cache and pos + 1 < n_tokens:
             logits, cache = model.decode_step(double_for_guidance(token, use_guidance), pos, cache)
     return ids
-
-
-def _forced_tokens(init_ids, known_mask, batch: int, n_tokens: int, device):
-    """Validate editing inputs: (known bool [B,N], init ids long [B,N]) or (None, None)."""
-    if init_ids is None and known_mask is None:
-        return None, None
-    if init_ids is None or known_mask is None:
-        raise ValueError("init_ids and known_mask must be given together")
-    init_ids = init_ids.reshape(init_ids.shape[0], -1).to(device=device, dtype=torch.long)
-    known_mask = known_mask.to(device=device, dtype=torch.bool)
-    if known_mask.dim() == 1:
-        known_mask = known_mask.unsqueeze(0).expand(batch, -1)
-    known_mask = known_mask.reshape(known_mask.shape[0], -1)
-    if init_ids.shape != (batch, n_tokens) or known_mask.shape != (batch, n_tokens):
-        raise ValueError(
-            f"init_ids {tuple(init_ids.shape)} and known_mask {tuple(known_mask.shape)} must both be "
-            f"[B={batch}, N={n_tokens}]"
-        )
-    return known_mask, init_ids
 
 
 __all__ = ["sample_autoregressive", "num_image_tokens"]

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from einops import rearrange, reduce
 
-from .autoregressive import num_image_tokens, sample_autoregressive
+from .autoregressive import num_image_tokens
+from .dispatch import sample
 from .filters import Generators, uniform_noise
-from .masked import sample_masked
+from .options import SampleOptions
 
 
 def pixel_mask_to_token_mask(mask, downsample_factor: int) -> torch.Tensor:
@@ -58,26 +59,27 @@ def _flat(ids: torch.Tensor) -> torch.Tensor:
     return ids.reshape(ids.shape[0], -1)  # [B, h, w] -> [B, N]
 
 
-def _is_masked_model(model) -> bool:
-    return model.config.kind == "mim"
+def _options(options: Optional[SampleOptions], overrides: dict) -> SampleOptions:
+    """`options` (default SAMPLE_DEFAULTS) with keyword overrides such as steps=8 or temperature=0.9."""
+    return (SampleOptions() if options is None else options).replace(**overrides)
 
 
-def inpaint(model, text_ids, init_ids, token_mask, *, generator: Generators = None, **sampler_kwargs) -> torch.Tensor:
+def inpaint(model, text_ids, init_ids, token_mask, options: Optional[SampleOptions] = None, *,
+            negative_text_ids=None, generator: Generators = None, **overrides) -> torch.Tensor:
     """Regenerate the tokens where token_mask is True ([N], [B, N] or [B, h, w]); the others are kept exactly.
 
     Masked model: MaskGIT decoding started from init_ids with the region masked. GPT: raster-order sampling with the
-    known tokens forced (each new token sees the known tokens above and to its left).
+    known tokens forced (each new token sees the known tokens above and to its left). Sampler settings: `options`
+    and/or SampleOptions fields as keywords (steps=8, ...).
     """
     token_mask = torch.as_tensor(token_mask, dtype=torch.bool, device=init_ids.device)
-    known = ~token_mask
-    sampler = sample_masked if _is_masked_model(model) else sample_autoregressive
-    return sampler(model, text_ids, init_ids=_flat(init_ids), known_mask=known, generator=generator, **sampler_kwargs)
+    return sample(model, text_ids, _options(options, overrides), negative_text_ids=negative_text_ids,
+                  generator=generator, init_ids=_flat(init_ids), known_mask=~token_mask)
 
 
-def outpaint(
-    model, text_ids, known_ids, *, top: Optional[int] = None, left: Optional[int] = None, generator: Generators = None,
-    **sampler_kwargs,
-) -> torch.Tensor:
+def outpaint(model, text_ids, known_ids, options: Optional[SampleOptions] = None, *, top: Optional[int] = None,
+             left: Optional[int] = None, negative_text_ids=None, generator: Generators = None,
+             **overrides) -> torch.Tensor:
     """Extend a smaller token grid known_ids [B, hk, wk] to the model's full canvas.
 
     The known tokens are placed with their top-left corner at token (top, left) (default: centred) and kept; the rest
@@ -97,7 +99,8 @@ def outpaint(
     canvas[:, top : top + hk, left : left + wk] = known_ids
     regenerate = torch.ones(side, side, dtype=torch.bool, device=known_ids.device)
     regenerate[top : top + hk, left : left + wk] = False
-    return inpaint(model, text_ids, canvas, regenerate.flatten(), generator=generator, **sampler_kwargs)
+    return inpaint(model, text_ids, canvas, regenerate.flatten(), _options(options, overrides),
+                   negative_text_ids=negative_text_ids, generator=generator)
 
 
 def random_token_mask(batch: int, n_tokens: int, strength: float, generator: Generators, device=None) -> torch.Tensor:
@@ -110,34 +113,36 @@ def random_token_mask(batch: int, n_tokens: int, strength: float, generator: Gen
     return torch.zeros(batch, n_tokens, dtype=torch.bool, device=device).scatter_(1, chosen, True)
 
 
-def img2img(
-    model, text_ids, init_ids, strength: float = 0.6, *, steps: int = 12, generator: Generators = None, **sampler_kwargs
-) -> torch.Tensor:
+def img2img(model, text_ids, init_ids, strength: float = 0.6, options: Optional[SampleOptions] = None, *,
+            negative_text_ids=None, generator: Generators = None, **overrides) -> torch.Tensor:
     """Masked model only: re-mask a `strength` fraction of the tokens at random and decode them in
     ceil(strength * steps) steps. strength 1 is plain generation; small strengths stay close to the input."""
-    if not _is_masked_model(model):
+    if model.config.kind != "mim":
         raise ValueError("img2img needs a masked (mim) model; use inpaint or continue_image with a GPT")
+    options = _options(options, overrides)
     init_ids = _flat(init_ids)
     regenerate = random_token_mask(init_ids.shape[0], init_ids.shape[1], strength, generator, device=init_ids.device)
-    run_steps = max(1, math.ceil(strength * steps))
-    return sample_masked(
-        model, text_ids, init_ids=init_ids, known_mask=~regenerate, steps=run_steps, generator=generator,
-        **sampler_kwargs,
-    )
+    run_steps = max(1, math.ceil(strength * options.steps))
+    return sample(model, text_ids, options.replace(steps=run_steps), negative_text_ids=negative_text_ids,
+                  generator=generator, init_ids=init_ids, known_mask=~regenerate)
 
 
-def continue_image(model, text_ids, init_ids, keep_rows: int, *, generator: Generators = None, **sampler_kwargs):
+def continue_image(model, text_ids, init_ids, keep_rows: int, options: Optional[SampleOptions] = None, *,
+                   negative_text_ids=None, generator: Generators = None, **overrides) -> torch.Tensor:
     """Keep the top `keep_rows` token rows of init_ids and generate the rest (GPT: as a prefix; masked model: as
     known tokens)."""
     side = int(math.isqrt(num_image_tokens(model)))
     if not 0 <= keep_rows <= side:
         raise ValueError(f"keep_rows must be in [0, {side}], got {keep_rows}")
+    options = _options(options, overrides)
     init_ids = _flat(init_ids)
     n_keep = keep_rows * side
-    if _is_masked_model(model):
+    if model.config.kind == "mim":
         regenerate = torch.arange(side * side, device=init_ids.device) >= n_keep
-        return inpaint(model, text_ids, init_ids, regenerate, generator=generator, **sampler_kwargs)
-    return sample_autoregressive(model, text_ids, prefix_ids=init_ids[:, :n_keep], generator=generator, **sampler_kwargs)
+        return inpaint(model, text_ids, init_ids, regenerate, options, negative_text_ids=negative_text_ids,
+                       generator=generator)
+    return sample(model, text_ids, options, negative_text_ids=negative_text_ids, generator=generator,
+                  prefix_ids=init_ids[:, :n_keep])
 
 
 __all__ = [

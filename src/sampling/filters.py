@@ -61,6 +61,34 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Opti
     return logits
 
 
+def known_tokens(init_ids, known_mask, batch: int, n_tokens: int, codebook_size: int, device):
+    """The editing inputs of both samplers, checked: (known bool [B, N], init ids long [B, N]) or (None, None).
+
+    init_ids [B, N] or [B, h, w]; known_mask [N], [1, N], [B, N] or [B, h, w] (True = keep). The known tokens must be
+    image ids in [0, codebook_size).
+    """
+    if init_ids is None and known_mask is None:
+        return None, None
+    if init_ids is None or known_mask is None:
+        raise ValueError("init_ids and known_mask must be given together")
+    init_ids = init_ids.to(device=device, dtype=torch.long).reshape(init_ids.shape[0], -1)
+    known_mask = known_mask.to(device=device, dtype=torch.bool)
+    known_mask = known_mask.reshape(1, -1) if known_mask.dim() == 1 else known_mask.reshape(known_mask.shape[0], -1)
+    known_mask = known_mask.expand(batch, -1) if known_mask.shape[0] == 1 else known_mask
+    if init_ids.shape != (batch, n_tokens) or known_mask.shape != (batch, n_tokens):
+        raise ValueError(
+            f"init_ids {tuple(init_ids.shape)} and known_mask {tuple(known_mask.shape)} must both be "
+            f"[B={batch}, N={n_tokens}]"
+        )
+    known_vals = init_ids[known_mask]
+    if known_vals.numel() and (known_vals.min() < 0 or known_vals.max() >= codebook_size):
+        raise ValueError(
+            f"init_ids: known tokens must be image ids in [0, {codebook_size}), got values in "
+            f"[{known_vals.min().item()}, {known_vals.max().item()}]"
+        )
+    return known_mask, init_ids
+
+
 def uniform_noise(shape: Sequence[int], generator: Generators, device=None) -> torch.Tensor:
     """U(0,1) noise of `shape`; with a list of generators, row b of dim 0 comes from generator[b]."""
     def draw(size, g):  # on the generator's device (a CPU generator cannot fill a CUDA tensor), then moved
@@ -141,4 +169,5 @@ __all__ = [
     "filtered_probs",
     "mask_by_random_topk",
     "check_generators",
+    "known_tokens",
 ]

@@ -14,8 +14,10 @@ from typing import Callable, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
+from ..transformer.presets import SAMPLE_DEFAULTS as D
+from ..transformer.schedule import check_mask_schedule, mask_ratio  # one schedule for training and sampling
 from .autoregressive import num_image_tokens
-from .filters import Generators, check_generators, mask_by_random_topk, sample_from_logits
+from .filters import Generators, check_generators, known_tokens, mask_by_random_topk, sample_from_logits
 from .guidance import check_guidance_schedule, double_for_guidance, guidance_at, guidance_enabled, prepare_text_pair
 from .guidance import split_guidance
 
@@ -26,8 +28,6 @@ def schedule_fn(schedule: Schedule) -> Callable[[float], float]:
     """The mask-ratio schedule gamma(r): a name from tokenpaint.transformer.schedule, or a callable r -> ratio."""
     if callable(schedule):
         return schedule
-    from tokenpaint.transformer.schedule import check_mask_schedule, mask_ratio  # one schedule for training and sampling
-
     check_mask_schedule(schedule)
     return lambda r: float(mask_ratio(r, schedule))
 
@@ -48,13 +48,13 @@ def sample_masked(
     text_ids: torch.Tensor,
     *,
     negative_text_ids: Optional[torch.Tensor] = None,
-    steps: int = 12,
-    guidance_scale: float = 3.0,
-    guidance_schedule: str = "constant",
-    schedule: Schedule = "cosine",
-    choice_temperature: float = 4.5,
-    temperature: float = 1.0,
-    top_k: Optional[int] = None,
+    steps: int = D["steps"],
+    guidance_scale: float = D["guidance_scale"],
+    guidance_schedule: str = D["guidance_schedule"],
+    schedule: Schedule = D["schedule"],
+    choice_temperature: float = D["choice_temperature"],
+    temperature: float = D["temperature"],
+    top_k: Optional[int] = D["top_k"],
     generator: Generators = None,
     init_ids: Optional[torch.Tensor] = None,
     known_mask: Optional[torch.Tensor] = None,
@@ -102,26 +102,10 @@ def sample_masked(
 
 def initial_ids(init_ids, known_mask, batch: int, n_tokens: int, mask_id: int, device) -> torch.Tensor:
     """All-masked ids, or init_ids with every unknown position set to mask_id (long [B, N])."""
-    if init_ids is None and known_mask is None:
+    known, init_ids = known_tokens(init_ids, known_mask, batch, n_tokens, mask_id, device)  # mask_id = codebook_size
+    if known is None:
         return torch.full((batch, n_tokens), mask_id, dtype=torch.long, device=device)
-    if init_ids is None or known_mask is None:
-        raise ValueError("init_ids and known_mask must be given together")
-    init_ids = init_ids.to(device=device, dtype=torch.long).reshape(init_ids.shape[0], -1)
-    known_mask = known_mask.to(device=device, dtype=torch.bool)
-    known_mask = known_mask.reshape(1, -1) if known_mask.dim() == 1 else known_mask.reshape(known_mask.shape[0], -1)
-    known_mask = known_mask.expand(batch, -1) if known_mask.shape[0] == 1 else known_mask
-    if init_ids.shape != (batch, n_tokens) or known_mask.shape != (batch, n_tokens):
-        raise ValueError(
-            f"init_ids {tuple(init_ids.shape)} and known_mask {tuple(known_mask.shape)} must both be "
-            f"[B={batch}, N={n_tokens}]"
-        )
-    known_vals = init_ids[known_mask]
-    if known_vals.numel() and (known_vals.min() < 0 or known_vals.max() >= mask_id):
-        raise ValueError(
-            f"init_ids: known tokens must be image ids in [0, {mask_id}), got values in "
-            f"[{known_vals.min().item()}, {known_vals.max().item()}]"
-        )
-    return torch.where(known_mask, init_ids, torch.full_like(init_ids, mask_id))
+    return torch.where(known, init_ids, torch.full_like(init_ids, mask_id))
 
 
 __all__ = ["sample_masked", "schedule_fn", "keep_masked_count", "initial_ids"]

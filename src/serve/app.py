@@ -17,6 +17,7 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from .. import __version__
 from .batching import Batcher, ResultCache
+from ..pipeline import default_edit_mode
 from .errors import RequestError
 from .images import decode_image
 from .jobs import Edit, check_edit, make_job, resolve_options, run_jobs
@@ -92,7 +93,7 @@ def images_job(state: ServerState, req: ImagesRequest):
             raise RequestError(422, "an edit takes one prompt", "prompts")
         image = state.decode_image(req.image, "image").convert("RGB")
         mask = state.decode_image(req.mask, "mask").convert("L") if req.mask is not None else None
-        mode = req.mode or ("inpaint" if mask is not None else "img2img" if pipe.kind == "mim" else "continue")
+        mode = req.mode or default_edit_mode(pipe.kind, has_mask=mask is not None)
         edit = Edit(image, mask, mode, req.strength, req.keep_rows)
         check_edit(pipe, edit, {k: k for k in ("mode", "mask", "strength", "keep_rows")})
     elif req.mask is not None or req.mode is not None:

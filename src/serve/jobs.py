@@ -16,11 +16,12 @@ from typing import Optional
 
 from PIL import Image
 
-from ..pipeline import EDIT_MODES, validate_options
+from ..pipeline import check_edit_mode
+from ..sampling import OptionError, check_option, check_seeds
 from .errors import RequestError
 from .images import encode_png
 
-OPTION_NAMES = ("steps", "guidance_scale", "top_k", "top_p", "temperature")
+OPTION_NAMES = ("steps", "guidance_scale", "top_k", "top_p", "temperature")  # the SampleOptions a request may set
 
 
 @dataclass
@@ -77,14 +78,15 @@ def resolve_options(pipe, given: dict, names: Optional[dict] = None) -> dict:
     `lora` ({adapter name: scale}, the server's --lora adapters; 0 = off) becomes sorted (name, scale) pairs, so
     that only requests with the same scales share a batch."""
     names = names or {}
-    given = dict(given)
+    given = {name: value for name, value in given.items() if value is not None}
     lora = _lora_scales(pipe, given.pop("lora", None), names.get("lora", "lora"))
     for name, value in given.items():
         try:
-            validate_options(**{name: value})
-        except ValueError as e:
+            check_option(name, value)
+        except OptionError as e:
             raise RequestError(422, str(e).replace(name, names.get(name, name), 1), names.get(name, name)) from None
-    options = {k: given.get(k) if given.get(k) is not None else pipe.defaults.get(k) for k in OPTION_NAMES}
+    resolved = pipe.options.replace(**given)
+    options = {name: getattr(resolved, name) for name in OPTION_NAMES}
     if lora:
         options["lora"] = lora
     return options
@@ -115,8 +117,8 @@ def make_job(pipe, settings, prompts: list[str], num_images: int, seed: Optional
     if seed is None or seed == -1:
         seed = random_seed()
     try:
-        validate_options(seed=seed, num_seeds=total)
-    except ValueError as e:
+        check_seeds(seed, total)
+    except OptionError as e:
         raise RequestError(422, f"{e} (or -1 for a random seed)", "seed") from None
     rows = [p for p in prompts for _ in range(num_images)]
     return Job(rows, [seed + i for i in range(total)], [negative or ""] * total, options, edit)
@@ -124,14 +126,10 @@ def make_job(pipe, settings, prompts: list[str], num_images: int, seed: Optional
 
 def check_edit(pipe, edit: Edit, fields: dict) -> None:
     """What Pipeline.edit_ids would refuse, refused before queueing (422 naming the request's field)."""
-    if edit.mode not in EDIT_MODES:
-        raise RequestError(422, f"mode must be one of {list(EDIT_MODES)}, got {edit.mode!r}", fields["mode"])
-    if edit.mode == "inpaint" and edit.mask is None:
-        raise RequestError(422, "mode 'inpaint' needs a mask", fields["mask"])
-    if edit.mode in ("img2img", "outpaint") and edit.mask is not None:
-        raise RequestError(422, f"a mask is not used in mode {edit.mode!r}", fields["mask"])
-    if edit.mode == "img2img" and pipe.kind != "mim":
-        raise RequestError(422, "mode 'img2img' needs a masked (mim) model; use inpaint or continue", fields["mode"])
+    try:
+        check_edit_mode(pipe.kind, edit.mode, has_mask=edit.mask is not None)
+    except OptionError as e:
+        raise RequestError(422, str(e), fields[e.name]) from None
     if edit.mask is not None and edit.mask.size != edit.image.size:
         raise RequestError(422, f"mask is {edit.mask.size[0]}x{edit.mask.size[1]} but the image is "
                                 f"{edit.image.size[0]}x{edit.image.size[1]}", fields["mask"])

@@ -1,5 +1,5 @@
 """Request bodies. Unknown fields are ignored (as the Stable Diffusion web UI does); a field of the wrong type is a
-422 naming it. Ranges are checked by tokenpaint.pipeline.validate_options (jobs.resolve_options)."""
+422 naming it. Ranges are checked by tokenpaint.sampling.check_option (jobs.resolve_options)."""
 
 from __future__ import annotations
 

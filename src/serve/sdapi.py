@@ -18,6 +18,7 @@ import time
 from fastapi import APIRouter
 from PIL import ImageOps
 
+from ..pipeline import default_edit_mode
 from .errors import RequestError
 from .jobs import Edit, check_edit, make_job, resolve_options
 from .schemas import Img2ImgRequest, Txt2ImgRequest
@@ -103,12 +104,9 @@ def build_router(state, dependencies) -> APIRouter:
         if not 0 < strength <= 1:
             raise RequestError(422, f"denoising_strength must be in (0, 1], got {strength}", "denoising_strength")
         side, keep_rows = state.pipe.tokens_per_side, None
-        if mask is not None:
-            mode = "inpaint"
-        elif state.pipe.kind == "mim":
-            mode = "img2img"
-        else:
-            mode, keep_rows = "continue", min(side - 1, side - round(strength * side))
+        mode = default_edit_mode(state.pipe.kind, has_mask=mask is not None)
+        if mode == "continue":  # a GPT without a mask: denoising_strength is the share of rows regenerated
+            keep_rows = min(side - 1, side - round(strength * side))
         edit = Edit(image, mask, mode, strength, keep_rows)
         check_edit(state.pipe, edit, dict(mode="mask", mask="mask", strength="denoising_strength",
                                           keep_rows="denoising_strength"))

@@ -46,7 +46,7 @@ def build_blocks(state):
 
     pipe = state.pipe
     mim = pipe.kind == "mim"
-    d = pipe.defaults
+    d = pipe.options.to_dict()
 
     async def run(job):
         try:

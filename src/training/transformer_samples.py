@@ -9,9 +9,9 @@ import os
 import torch
 import torch.distributed as dist
 from einops import rearrange
-from PIL import Image
 
-from ..sampling import sample_autoregressive, sample_masked
+from ..data.tsv import tensor_to_pil
+from ..sampling import SampleOptions, sample
 from .common import is_distributed
 from .transformer_data import corrupt, summed_cross_entropy
 
@@ -56,22 +56,14 @@ def sample_grid(model, vqgan, cache, num_images: int, sample_cfg: dict, seed: in
     generator = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()
-    common = dict(guidance_scale=sample_cfg["guidance_scale"], temperature=sample_cfg["temperature"],
-                  top_k=sample_cfg["top_k"], generator=generator)
-    if model.config.kind == "mim":
-        ids = sample_masked(model, text, steps=sample_cfg["steps"], schedule=sample_cfg["schedule"],
-                            choice_temperature=sample_cfg["choice_temperature"],
-                            guidance_schedule=sample_cfg["guidance_schedule"], **common)
-    else:
-        ids = sample_autoregressive(model, text, top_p=sample_cfg["top_p"], **common)
+    ids = sample(model, text, SampleOptions.from_dict(sample_cfg, source="section sample"), generator=generator)
     model.train(was_training)
     side = model.config.image_size
     grid_ids = rearrange(torch.cat([reference, ids]), "b (h w) -> b h w", h=side, w=side)
-    images = vqgan.decode(grid_ids).float().clamp(-1, 1)  # [2n,3,H,W]
-    grid = rearrange(images, "(r b) c h w -> (r h) (b w) c", r=2)  # references above, samples below
-    pixels = ((grid + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    images = vqgan.decode(grid_ids)  # [2n,3,H,W]
+    grid = rearrange(images, "(r b) c h w -> c (r h) (b w)", r=2)  # references above, samples below
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(pixels, "RGB").save(path)
+    tensor_to_pil(grid).save(path)
     captions_path = os.path.join(os.path.dirname(path), "captions.txt")
     if not os.path.exists(captions_path):
         with open(captions_path, "w", encoding="utf-8") as f:

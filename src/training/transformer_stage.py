@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from ..data import TextTokenizer, build_token_cache, iter_rows
 from ..data.cache import state_dict_hash, tokenizer_hash
+from ..sampling import SampleOptions
 from ..transformer import check_mask_schedule, generator_class, load_generator, model_config_from_yaml
 from ..transformer.io import check_state_dict, read_generator_config
 from ..transformer.presets import CONFIG_SCHEMA
@@ -51,6 +52,10 @@ def resolve_config(opts: TrainOptions) -> dict:
         check_mask_schedule(train["mask_schedule"])
     except ValueError as e:
         raise ValueError(f"{opts.config}: train.mask_schedule: {e}") from None
+    try:
+        SampleOptions.from_dict(cfg["sample"])  # the training-time samples use these: checked before any step
+    except ValueError as e:
+        raise ValueError(f"{opts.config}: sample.{e}") from None
     apply_lora_options(cfg, opts, opts.config)
     return cfg
 

@@ -16,8 +16,8 @@ import time
 
 import torch
 from einops import rearrange
-from PIL import Image
 
+from ..data.tsv import tensor_to_pil
 from ..utils import STRING, TRAIN_SEED, Section, integer, number, number_list, one_of
 from ..vqgan import VQGAN, VQGANConfig
 from ..vqgan.losses import LPIPS, NLayerDiscriminator, adaptive_generator_weight, hinge_d_loss
@@ -116,7 +116,7 @@ def evaluate(model: VQGAN, dataset, batch_size: int, max_images: int, device, bf
                              torch.tensor(float(x.shape[0]), device=device)]).double()
         used[q.ids.flatten()] = 1
         if grid is None:
-            grid = rearrange(torch.stack([x[:8], x_hat[:8]]).cpu(), "r b c h w -> (r h) (b w) c")  # originals above
+            grid = rearrange(torch.stack([x[:8], x_hat[:8]]).cpu(), "r b c h w -> c (r h) (b w)")  # originals above
         if sums[2] >= limit:
             break
     if is_distributed():
@@ -129,9 +129,9 @@ def evaluate(model: VQGAN, dataset, batch_size: int, max_images: int, device, bf
 
 
 def save_grid(grid: torch.Tensor, path: str) -> None:
-    pixels = ((grid.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    """A [3, H, W] grid in [-1, 1] (clamped) -> PNG."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(pixels, "RGB").save(path)
+    tensor_to_pil(grid).save(path)
 
 
 class _LatentCatcher:

@@ -33,11 +33,12 @@ TRAIN_DEFAULTS: dict[str, Any] = dict(
     decay_with_budget=True, compile=False,  # lr decay also follows --max-minutes; torch.compile the training forward
     seed=0, decay_steps=None, val_batches=8, sample_images=4, cache_batch_size=64,  # decay_steps None: max_steps
 )
-# The last three only affect masked decoding (MaskGIT's choice temperature, mask and guidance schedules).
+# The one table of sampler defaults: tokenpaint.sampling.SampleOptions (which documents each option and checks it),
+# the free samplers' keyword defaults and the `sample:` section of a transformer YAML all read it.
 # jacobi_window (GPT only): W > 1 = speculative Jacobi decoding with W draft tokens (sampling/jacobi.py).
 SAMPLE_DEFAULTS: dict[str, Any] = dict(steps=12, guidance_scale=3.0, top_k=100, top_p=1.0, temperature=1.0,
                                        choice_temperature=4.5, schedule="cosine", guidance_schedule="constant",
-                                       jacobi_window=1)
+                                       use_kv_cache=True, jacobi_window=1)
 TOKENIZER_DEFAULTS: dict[str, Any] = dict(vocab_size=8000)
 DATA_DEFAULTS: dict[str, Any] = dict(resolution=None, shuffle=True)  # resolution None: the VQGAN's
 # LoRA fine-tuning (train.py transformer --init-from BASE --lora RANK): rank null = train the whole model. alpha null

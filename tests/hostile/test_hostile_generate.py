@@ -61,7 +61,7 @@ def case_files(tmp_path, name):
         return ["--init-image", str(tmp_path / "x.eps")], "not an image in an accepted format"
     if name == "mask with outpaint":
         return (["--init-image", init, "--mask", image(tmp_path / "m.png", (32, 32), "L"), "--edit-mode", "outpaint"],
-                "--mask is not used by --edit-mode outpaint")
+                "--mask: mask is not used in mode 'outpaint'")
     if name == "init image a directory":
         (tmp_path / "d.png").mkdir()
         return ["--init-image", str(tmp_path / "d.png")], f"--init-image: {tmp_path / 'd.png'} is not a regular file"
