@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .data.tsv import pil_to_tensor, tensor_to_pil
+from .data.images import pil_to_tensor, tensor_to_pil
 from .sampling import (OptionError, SampleOptions, check_option, check_seeds, continue_image, img2img, inpaint,
                        outpaint, pixel_mask_to_token_mask, sample)
 from .sampling.editing import pixel_mask_to_bool

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from einops import rearrange
 
-from ..data.tsv import tensor_to_pil
+from ..data.images import tensor_to_pil
 from ..sampling import SampleOptions, sample
 from .common import is_distributed
 from .transformer_data import corrupt, summed_cross_entropy

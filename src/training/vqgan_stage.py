@@ -17,7 +17,7 @@ import time
 import torch
 from einops import rearrange
 
-from ..data.tsv import tensor_to_pil
+from ..data.images import tensor_to_pil
 from ..utils import STRING, TRAIN_SEED, Section, integer, number, number_list, one_of
 from ..vqgan import VQGAN, VQGANConfig
 from ..vqgan.losses import LPIPS, NLayerDiscriminator, adaptive_generator_weight, hinge_d_loss
