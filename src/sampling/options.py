@@ -13,8 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Union
 
-from ..transformer.presets import SAMPLE_DEFAULTS
-from ..transformer.schedule import MASK_SCHEDULES
+from ..transformer.presets import SAMPLE_CHECKS, SAMPLE_DEFAULTS
 from .guidance import GUIDANCE_SCHEDULES
 
 Schedule = Union[str, Callable[[float], float]]
@@ -40,18 +39,13 @@ SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2**64); ima
 MAX_IMAGES_PER_PROMPT = 10_000
 
 
-# name -> (accepts the value, what is wanted); None is accepted only where the rule says so
+# name -> (accepts the value, what is wanted). The sampler settings' rules are those of the YAML `sample:` section
+# (SAMPLE_CHECKS); a schedule may also be a function here.
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "steps": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
-    "guidance_scale": (lambda v: _number(v) and v >= 0, "a finite number >= 0 (1 = no guidance)"),
+    **{name: (check.ok, check.wanted) for name, check in SAMPLE_CHECKS.items()},
+    "schedule": (lambda v: callable(v) or SAMPLE_CHECKS["schedule"].ok(v),
+                 f"{SAMPLE_CHECKS['schedule'].wanted} or a function r -> ratio"),
     "guidance_schedule": (lambda v: v in GUIDANCE_SCHEDULES, f"one of {list(GUIDANCE_SCHEDULES)}"),
-    "top_k": (lambda v: v is None or (_int(v) and v >= 1), "an integer >= 1 (or null: no top-k)"),
-    "top_p": (lambda v: v is None or (_number(v) and 0 <= v <= 1), "in [0, 1] (0 = only the most likely id)"),
-    "temperature": (lambda v: _number(v) and v > 0, "a finite number > 0"),
-    "choice_temperature": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
-    "schedule": (lambda v: callable(v) or v in MASK_SCHEDULES, f"one of {list(MASK_SCHEDULES)} or a function r->ratio"),
-    "use_kv_cache": (lambda v: isinstance(v, bool), "true or false"),
-    "jacobi_window": (lambda v: _int(v) and v >= 1, "an integer >= 1 (1 = one token per step)"),
     # request options (not sampler settings)
     "num_images": (lambda v: _int(v) and 1 <= v <= MAX_IMAGES_PER_PROMPT,
                    f"an integer in [1, {MAX_IMAGES_PER_PROMPT}]"),
@@ -85,7 +79,8 @@ class SampleOptions:
     `options.replace(steps=8)`. Every value is checked on construction.
 
     To add an option: (1) add its default to SAMPLE_DEFAULTS (tokenpaint/transformer/presets.py), (2) add a field
-    here of the same name with `= SAMPLE_DEFAULTS["name"]`, (3) add its rule to RULES above, (4) add a keyword
+    here of the same name with `= SAMPLE_DEFAULTS["name"]`, (3) add its rule to SAMPLE_CHECKS (presets.py; the YAML
+    is checked by it too) or, for a value a YAML cannot hold, to RULES above, (4) add a keyword
     argument of the same name to the sampler(s) that use it (`sampling.sample` passes each sampler exactly the
     fields its signature names). The Pipeline, generate.py's defaults, training samples and the server then carry it.
     """

@@ -16,6 +16,7 @@ from ..utils import TRAIN_SEED, Check, Section, integer, load_config, number, nu
 from ..utils import field_check as _field_check
 from .config import GeneratorConfig
 from .kinds import CONFIG_CLASSES
+from .schedule import MASK_SCHEDULES
 
 # ONE table of sizes; argparse can use `choices=sorted(PRESETS)`.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -55,10 +56,12 @@ TRAIN_CHECKS: dict[str, Check] = {
     "bf16": one_of(True, False, "auto"), "label_smoothing": number(0, 1, hi_open=True), "num_workers": integer(0),
     "seed": TRAIN_SEED, "decay_steps": integer(1).or_none("max_steps"), "sample_images": integer(1),
 }
+# The rules of the sampler options, for the YAML and for tokenpaint.sampling.SampleOptions alike (options.RULES).
 SAMPLE_CHECKS: dict[str, Check] = {
     "steps": integer(1), "guidance_scale": number(0), "top_k": integer(1).or_none("no top-k"),
     "top_p": number(0, 1).or_none("no top-p"), "temperature": number(0, lo_open=True),
-    "choice_temperature": number(0), "jacobi_window": integer(1),
+    "choice_temperature": number(0), "schedule": one_of(*MASK_SCHEDULES), "use_kv_cache": one_of(True, False),
+    "jacobi_window": integer(1),
 }
 MODEL_CHECKS: dict[str, Check] = {
     **{f.name: _field_check(f) for cls in CONFIG_CLASSES.values() for f in fields(cls)},
