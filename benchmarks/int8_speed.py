@@ -125,10 +125,10 @@ def demo_section(run: str, n_prompts: int, seed: int) -> None:
     from tokenpaint.sampling.guidance import guidance_enabled, prepare_text_pair, split_guidance
 
     pipe = Pipeline.from_pretrained(os.path.join(run, "gpt"))
-    scale = pipe.defaults["guidance_scale"]
+    scale = pipe.options.guidance_scale
     text = pipe.encode_text(held_out_prompts(n_prompts, os.path.join(run, "data", "train.tsv"), seed))
-    ids = sample_autoregressive(pipe.model, text, guidance_scale=scale, temperature=pipe.defaults["temperature"],
-                                top_k=pipe.defaults["top_k"], top_p=pipe.defaults["top_p"],
+    ids = sample_autoregressive(pipe.model, text, guidance_scale=scale, temperature=pipe.options.temperature,
+                                top_k=pipe.options.top_k, top_p=pipe.options.top_p,
                                 generator=torch.Generator().manual_seed(seed))
     use_guidance = guidance_enabled(scale)
     text_in = prepare_text_pair(text, None, use_guidance)

@@ -92,7 +92,7 @@ def demo_section(args) -> None:
     if not os.path.isfile(os.path.join(run, "model.safetensors")):
         raise SystemExit(f"{run}: no trained demo GPT (run `make demo` or `python -m tokenpaint.demo --out {args.run}`)")
     pipe = Pipeline.from_pretrained(run, dtype=args.dtype)
-    sampler = {k: pipe.defaults[k] for k in ("guidance_scale", "temperature", "top_k", "top_p")}
+    sampler = {k: getattr(pipe.options, k) for k in ("guidance_scale", "temperature", "top_k", "top_p")}
     prompts = held_out_prompts(args.prompts, os.path.join(args.run, "data", "train.tsv"), args.seed)
     k = args.images_per_prompt
     text = pipe.encode_text(prompts).repeat_interleave(k, dim=0)

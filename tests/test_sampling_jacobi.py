@@ -160,7 +160,7 @@ def test_pipeline_sample_config_and_cli_reach_the_decoder(tmp_path, monkeypatch,
     tokenizer = TextTokenizer.train(CAPTIONS, tmp_path / "spm" / "tok", vocab_size=400)
     run = build_run(tmp_path, "gpt", tokenizer, tiny_vqgan(), sample={"jacobi_window": 3, "top_k": 1})
     pipe = Pipeline.from_pretrained(run)
-    assert pipe.defaults["jacobi_window"] == 3
+    assert pipe.options.jacobi_window == 3
     jacobi = pipe.generate_ids(["a red circle"], num_images=2, seed=0)
     assert windows == [3]
     assert torch.equal(jacobi, pipe.generate_ids(["a red circle"], num_images=2, seed=0, jacobi_window=1))  # greedy
