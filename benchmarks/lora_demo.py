@@ -35,6 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import machine_info  # noqa: E402
+from demo_quality import judge_reconstructions  # noqa: E402
 
 from tokenpaint import Pipeline  # noqa: E402
 from tokenpaint.data import caption, iter_rows, make_demo_dataset, random_attributes  # noqa: E402
@@ -152,9 +153,10 @@ def step_seconds(run_dir: str) -> float:
     return float(np.median([tokens_per_step / r for r in rates]))
 
 
-def match(pipe: Pipeline, prompts: list[str], k: int, seed: int) -> float:
+def scores(pipe: Pipeline, prompts: list[str], k: int, seed: int) -> dict:
+    """The judge's fractions over k images per prompt ("match" = colour, shape and position; "color" alone)."""
     images = pipe(prompts, num_images=k, seed=seed)
-    return summarize_verdicts([judge(image, prompts[i // k]) for i, image in enumerate(images)])["match"]
+    return summarize_verdicts([judge(image, prompts[i // k]) for i, image in enumerate(images)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,22 +212,27 @@ def main(argv: list[str] | None = None) -> int:
     new_prompts = held_out_prompts(args.prompts, [args.new_color], [data["concept"]], args.seed)
     old_prompts = held_out_prompts(args.prompts, [c for c in PALETTE if c != args.new_color], [data["base"]], args.seed)
     k = args.images_per_prompt
-    rows = {"base": (match(pipe, new_prompts, k, args.seed), match(pipe, old_prompts, k, args.seed))}
+    rows = {"base": (scores(pipe, new_prompts, k, args.seed), scores(pipe, old_prompts, k, args.seed))}
     for scale in args.scales:
         pipe.unload_lora()
         pipe.load_lora(lora_dir, scale=scale)
-        rows[f"base + LoRA x{scale:g}"] = (match(pipe, new_prompts, k, args.seed),
-                                            match(pipe, old_prompts, k, args.seed))
+        rows[f"base + LoRA x{scale:g}"] = (scores(pipe, new_prompts, k, args.seed),
+                                            scores(pipe, old_prompts, k, args.seed))
+    recon = judge_reconstructions(args.out, data["full_val"], 256)
     (new_base, old_base), (new_lora, old_lora) = rows["base"], rows[f"base + LoRA x{args.scales[0]:g}"]
+    new_base, old_base, new_lora, old_lora = (d["match"] for d in (new_base, old_base, new_lora, old_lora))
     print(f"\nnew colour: {args.new_color}; {len(new_prompts)} + {len(old_prompts)} held-out prompts x {k} images; "
           f"LoRA rank {args.rank}, {args.lora_steps} steps on {args.concept_rows} images + {args.replay} replayed; "
           f"{step_seconds(lora_dir):.3f} s per training step (median; --threads {args.threads}, load average "
           f"{os.getloadavg()[0]:.1f})")
     print(f"adapter: {adapter_params} parameters = {100 * adapter_params / base_params:.2f}% of the base's "
           f"{base_params}")
-    print(f"| model | match, {args.new_color} (new) | match, old colours |\n|---|---|---|")
+    print(f"the VQGAN's own reconstructions of 256 val images: match {recon['match']:.2f}, colour {recon['color']:.2f}, "
+          f"shape {recon['shape']:.2f} (the ceiling of any generator through it)")
+    print(f"| model | {args.new_color} (new): match | colour | shape | old colours: match | colour | shape |\n"
+          f"|---|---|---|---|---|---|---|")
     for name, (new, old) in rows.items():
-        print(f"| {name} | {new:.2f} | {old:.2f} |")
+        print(f"| {name} | " + " | ".join(f"{d[c]:.2f}" for d in (new, old) for c in ("match", "color", "shape")) + " |")
     failed = []
     if new_lora < 0.7:
         failed.append(f"new-colour match {new_lora:.2f} < 0.7")
