@@ -1,7 +1,7 @@
 """LoRA on the demo data: teach a trained masked generator a colour it never saw, from ~200 captioned images.
 
-    python benchmarks/lora_demo.py [--out lora_demo] [--new-color green] [--vqgan-steps 700] [--base-steps 1200]
-                                   [--lora-steps 600] [--rank 4] [--scales 0.8 1.0] [--prompts 48] [-k 2] [--threads 1]
+    python benchmarks/lora_demo.py [--out lora_demo] [--new-color green] [--vqgan-steps 700] [--base-steps 2400]
+                                   [--lora-steps 1500] [--rank 4] [--scales 0.8 1.0] [--prompts 48] [-k 2] [--threads 1]
 
 1. data: the built-in demo dataset with every colour (for the VQGAN and the caption tokenizer, which a real setup
    takes as general-purpose tokenizers), the same scenes without --new-color (the base generator's data) and
@@ -168,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replay", type=int, default=200,
                    help="rows of the base's own data mixed into the adapter's (prior preservation); 0 = none")
     p.add_argument("--vqgan-steps", type=int, default=700)
-    p.add_argument("--base-steps", type=int, default=1200)
-    p.add_argument("--lora-steps", type=int, default=600)
+    p.add_argument("--base-steps", type=int, default=2400)
+    p.add_argument("--lora-steps", type=int, default=1500)
     p.add_argument("--lora-config", default=str(config_path("demo", "mim_lora.yaml")))
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--scales", type=float, nargs="+", default=[0.8, 1.0],
