@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: test test-all check-install demo serve clean-demo venv
+.PHONY: test test-slow test-all check-install demo serve clean-demo venv
 
 venv: $(VENV)/.installed
 
@@ -23,6 +23,10 @@ TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 # The fast suite (a few minutes on 2 CPU cores).
 test: venv
 	$(TEST_ENV) $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Only the checks marked slow (the full-size parity checks): CI runs `make test`, then these.
+test-slow: venv
+	$(TEST_ENV) $(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 # Everything, the full-size parity checks included.
 test-all: venv
