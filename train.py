@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps (overrides the config)")
         p.add_argument("--max-minutes", type=float, metavar="M",
                        help="time budget of the whole run (counted across --resume, like --max-steps): stop cleanly "
-                            "and save after M minutes of training; the lr decay follows it (train.decay_with_budget)")
+                            "and save after M minutes of training. Alone, it is the run's schedule: the lr decay follows it "
+                            "(train.decay_with_budget); with --max-steps, the lr follows the steps and M only caps the "
+                            "run")
         p.add_argument("--batch-size", type=int, metavar="B", help="per-process batch size (overrides the config)")
         p.add_argument("--seed", type=int, metavar="S", help="random seed (default: the config's train.seed, else 0)")
         p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")

@@ -6,7 +6,7 @@
                                       [--json OUT.json]
 
 --run is the output directory of `python -m tokenpaint.demo` (`make demo`); if it holds no trained generators, the
-demo is run first (with its default time budgets). For each generator, K images are sampled for each of --prompts
+demo is run first (its recipe). For each generator, K images are sampled for each of --prompts
 held-out prompts (random scenes, half English and half Chinese, whose caption text is not in the training TSV), each
 image is read back with `measure_scene` (colour, shape, size, position from pixels; no object = a miss) and compared
 with `parse_caption(prompt)`. Prints the fraction of images that match in colour, shape and position ("match", the

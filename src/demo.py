@@ -1,25 +1,32 @@
 """`make demo`: the whole pipeline on the built-in dataset, on CPU, in minutes.
 
     python -m tokenpaint.demo --out demo [--minutes-vqgan M] [--minutes-mim M] [--minutes-gpt M] [--skip-gpt]
-                                         [--seed S] [--num-train N]
+                                         [--threads N] [--seed S] [--num-train N]
 
 Writes the built-in dataset and a word-level caption tokenizer (OUT/data/), trains the demo VQGAN (OUT/vqgan/), the
-demo masked transformer (OUT/mim/) and the demo GPT (OUT/gpt/) with the configs in configs/demo/ and a time budget per
-stage, then draws a grid of samples for DEMO_PROMPTS (English and Chinese) from each generator into OUT/samples.png,
-the prompt under each image (Chinese prompts in their English rendering, marked "zh:", when no CJK font is found).
+demo masked transformer (OUT/mim/) and the demo GPT (OUT/gpt/) with the configs in configs/demo/, then draws a grid of
+samples for DEMO_PROMPTS (English and Chinese) from each generator into OUT/samples.png, the prompt under each image
+(Chinese prompts in their English rendering, marked "zh:", when no CJK font is found).
+
+The recipe is a step count per stage (train.max_steps of each demo config), and the lr decays over those steps, so
+the result does not depend on how fast the machine is: with the same --threads, two runs give byte-identical weights
+and samples, however busy the machine. A slower machine only takes longer (the progress bars show the ETA from the
+measured step rate). --minutes-* are optional caps: a stage stopped by one says what share of its recipe it trained,
+in the summary and under the samples, and its quality is lower.
 
 The two generators train side by side, each in its own process with half the CPU threads: models this small do not
-keep two cores busy, so in the same minutes each gets ~1.3-1.5x the steps it would get on all cores one after the
-other (benchmarks/side_by_side.py; --one-at-a-time turns this off). Their output goes to OUT/logs/{mim,gpt}.log; a
-progress line per stage is shown.
+keep two cores busy, so each runs its steps ~1.3-1.5x as fast as it would on all cores one after the other
+(benchmarks/side_by_side.py; --one-at-a-time turns this off, same models). Their output goes to OUT/logs/{mim,gpt}.log;
+a progress bar per stage is shown.
 
-Running it again reuses what is there: a stage that trained to the end of its budget is skipped, one that was cut off
+Running it again reuses what is there: a stage that trained to its end (or its cap) is skipped, one that was cut off
 (Ctrl-C or SIGTERM, which save a checkpoint and stop the demo, or a kill) resumes from its latest checkpoint.
 """
 from __future__ import annotations
 
 import argparse
 import glob
+import io
 import json
 import multiprocessing
 import os
@@ -40,10 +47,13 @@ from .resources import configs_dir
 from .utils import atomic_write_bytes
 
 CONFIG_DIR = configs_dir() / "demo"  # shipped with the package (configs/demo/ in the repository)
-# Below ~1000 steps the VQGAN's reconstructions lose the object colour (measured with benchmarks/demo_quality.py
-# --recon), which caps both generators. The generators train side by side, so the wall time is vqgan + max(mim, gpt)
-# + data, caches, sampling (~1 min) + venv: < 15 min.
-DEFAULT_MINUTES = {"vqgan": 6.0, "mim": 6.0, "gpt": 6.0}
+# The generators train side by side, so the wall time is vqgan + max(mim, gpt) + data, caches, sampling (~1 min) + venv.
+STAGES = ("vqgan", "mim", "gpt")
+# Seconds per optimizer step of the recipe on a quiet 2-core AMD EPYC (AVX2): the VQGAN on 2 threads, each generator
+# on 1 thread beside the other (1029, 2965 and 2958 steps in 6 min): the expected time printed up front.
+REFERENCE_SECONDS_PER_STEP = {"vqgan": 0.35, "mim": 0.121, "gpt": 0.122}
+REFERENCE_MACHINE = "a quiet 2-core AVX2 machine"
+DEFAULT_THREADS = 2  # the VQGAN's; each generator gets half. Fixed (not the core count): the same bits everywhere
 ATTRIBUTES = ("color", "shape", "size", "horizontal", "vertical")
 CELL = 128  # pixels per sample in the grid (32x32 images scaled up, nearest)
 # Chinese has no spaces to stop BPE merges: at vocab 400 they fused whole phrases ("色圆形", "一个小的橙") while
@@ -83,7 +93,7 @@ def summarize_verdicts(verdicts: Sequence[dict[str, bool]]) -> dict[str, float]:
 # stages
 
 
-FINISHED_RECORD = "demo_finished.json"  # written once a stage has trained to the end of its budget (or max_steps)
+FINISHED_RECORD = "demo_finished.json"  # written once a stage has trained to its end: the recipe's steps, or its cap
 
 
 class StageStopped(KeyboardInterrupt):
@@ -131,9 +141,25 @@ def prepare_tokenizer(train_tsv: str, path: str) -> str:
     return path
 
 
-def run_stage(name: str, run_dir: str, minutes: float, *, data: str, val: str, config: str, seed: int,
-              vqgan_dir: Optional[str] = None, tokenizer: Optional[str] = None) -> str:
-    """Train one stage in-process unless its run directory already holds a finished model. Returns what it did."""
+def recipe_steps(config_dir: str) -> dict[str, int]:
+    """The demo's recipe: train.max_steps of each stage's config in config_dir."""
+    from .utils import read_yaml
+
+    steps = {}
+    for name in STAGES:
+        path = os.path.join(config_dir, f"{name}.yaml")
+        value = ((read_yaml(path) or {}).get("train") or {}).get("max_steps")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{path}: train.max_steps (the demo's recipe for the {name} stage) must be an integer "
+                             f">= 1, got {value!r}")
+        steps[name] = value
+    return steps
+
+
+def run_stage(name: str, run_dir: str, steps: int, minutes: Optional[float] = None, *, data: str, val: str,
+              config: str, seed: int, vqgan_dir: Optional[str] = None, tokenizer: Optional[str] = None) -> str:
+    """Train one stage in-process for `steps` optimizer steps (the lr decays over them), stopping early at `minutes`
+    if given, unless its run directory already holds a finished model. Returns what it did."""
     from .training.common import COMPLETE_STOPS, BudgetSpent, TrainOptions
 
     state = stage_state(run_dir)
@@ -141,12 +167,13 @@ def run_stage(name: str, run_dir: str, minutes: float, *, data: str, val: str, c
         return "reused"
     resume = state == "partial"
     stage = "vqgan" if name == "vqgan" else "transformer"
-    argv = ["train.py", stage, "--data", data, "--val", val, "--out", run_dir, "--max-minutes", str(minutes),
-            "--seed", str(seed)] + ([] if resume else ["--config", config])
+    argv = ["train.py", stage, "--data", data, "--val", val, "--out", run_dir, "--max-steps", str(steps),
+            *(["--max-minutes", f"{minutes:g}"] if minutes is not None else []), "--seed", str(seed),
+            *([] if resume else ["--config", config])]
     if vqgan_dir is not None and not resume:
         argv += ["--vqgan", vqgan_dir] + (["--tokenizer", tokenizer] if tokenizer else [])
     opts = TrainOptions(stage=stage, data=data, val=val, config=None if resume else config, out=run_dir,
-                        max_minutes=minutes, seed=None if resume else seed, resume=resume,
+                        max_steps=steps, max_minutes=minutes, seed=None if resume else seed, resume=resume,
                         vqgan_dir=None if resume else vqgan_dir, tokenizer=None if resume else tokenizer, argv=argv)
     try:
         if stage == "vqgan":
@@ -160,12 +187,17 @@ def run_stage(name: str, run_dir: str, minutes: float, *, data: str, val: str, c
     except BudgetSpent as e:  # it trained its whole budget but was not recorded as finished (killed at the very end)
         if not os.path.isfile(os.path.join(run_dir, "model.safetensors")):  # killed before the final model was saved
             raise ValueError(f"{name}: {e} (here: --minutes-{name}), or delete {run_dir} to train it again") from e
-        _record_finished(run_dir, {"stopped": "time budget"})
+        from .training.common import CheckpointManager
+
+        saved = CheckpointManager(os.path.join(run_dir, "checkpoints")).list()
+        _record_finished(run_dir, {"step": saved[-1][0] if saved else None, "max_steps": steps,
+                                   "stopped": "time budget"})
         return "reused"
     if summary["stopped"] not in COMPLETE_STOPS:
         raise StageStopped(f"{name} stopped at step {summary['step']} ({summary['stopped']}); its checkpoint is in "
                            f"{os.path.join(run_dir, 'checkpoints')}")
-    _record_finished(run_dir, {"step": summary["step"], "stopped": summary["stopped"]})
+    _record_finished(run_dir, {"step": summary["step"], "max_steps": summary["max_steps"],
+                               "stopped": summary["stopped"]})
     if stage_state(run_dir) != "done":
         raise RuntimeError(f"{name} stage finished without a model in {run_dir}")
     return f"{'resumed' if resume else 'trained'} to step {summary['step']}"
@@ -173,6 +205,22 @@ def run_stage(name: str, run_dir: str, minutes: float, *, data: str, val: str, c
 
 def _record_finished(run_dir: str, what: dict) -> None:
     atomic_write_bytes(os.path.join(run_dir, FINISHED_RECORD), json.dumps(what).encode())
+
+
+def recipe_share(name: str, run_dir: str, minutes: Optional[float]) -> Optional[str]:
+    """For a finished stage that a --minutes-* cap stopped early: what share of its recipe it trained and that its
+    quality is lower (one line); None for a stage that trained its whole recipe."""
+    try:
+        with open(os.path.join(run_dir, FINISHED_RECORD), encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if record.get("stopped") != "time budget":
+        return None
+    step, total = record.get("step"), record.get("max_steps")
+    share = f"{step}/{total} steps, {step / total:.0%} of the recipe" if step and total else "part of the recipe"
+    cap = f" --minutes-{name} {minutes:g}" if minutes is not None else f" --minutes-{name}"
+    return f"{name}: stopped by{cap} at {share}: quality will be lower than the recipe's"
 
 
 def _stage_process(name: str, stage_kwargs: dict, threads: int, log_path: str, results) -> None:
@@ -217,8 +265,8 @@ def _last_logged(run_dir: str) -> tuple[int, Optional[float]]:
 
 def run_stages_side_by_side(stages: dict[str, dict], threads: int, log_dir: str) -> dict[str, str]:
     """Train stages at the same time, one process each with `threads` torch threads (run_stage's keyword arguments
-    per stage name). Shows a progress line per stage from its metrics.jsonl; re-raises the first stage's error (its
-    log's tail printed). Returns what each stage did."""
+    per stage name). Shows a progress bar per stage from its metrics.jsonl (steps of its recipe, ETA from the measured
+    step rate); re-raises the first stage's error (its log's tail printed). Returns what each stage did."""
     from tqdm.auto import tqdm
 
     os.makedirs(log_dir, exist_ok=True)
@@ -227,8 +275,8 @@ def run_stages_side_by_side(stages: dict[str, dict], threads: int, log_dir: str)
     logs = {name: os.path.join(log_dir, f"{name}.log") for name in stages}
     processes = {name: context.Process(target=_stage_process, args=(name, kwargs, threads, logs[name], results),
                                        name=f"demo-{name}") for name, kwargs in stages.items()}
-    bars = {name: tqdm(desc=name, unit="step", position=i, dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
-            for i, name in enumerate(stages)}
+    bars = {name: tqdm(desc=name, unit="step", total=stages[name]["steps"], position=i, dynamic_ncols=True,
+                       file=sys.stderr, mininterval=1.0) for i, name in enumerate(stages)}
     outcomes: dict[str, tuple[Optional[str], Optional[BaseException]]] = {}
     for process in processes.values():
         process.start()
@@ -324,18 +372,21 @@ def _wrap(text: str, font, width: int) -> list[str]:
 
 
 def sample_grid(rows: Sequence[tuple[str, Sequence[Image.Image]]], prompts: Sequence[str],
-                cjk_font: Optional[str] = None, cell: int = CELL) -> Image.Image:
+                cjk_font: Optional[str] = None, cell: int = CELL, notes: Sequence[str] = ()) -> Image.Image:
     """One row of images per (row label, images) pair, one column per prompt, the prompt printed under each column's
-    images and the row label at the left of each row."""
+    images and the row label at the left of each row; `notes` (e.g. a stage cut short by a cap) below the rows."""
     font = _font(cjk_font)
     labels = [_wrap(label_for(p, cjk_font), font, cell - 8) for p in prompts]
     line_height = int(font.getbbox("Ag")[3]) + 3
     text_height = max(len(lines) for lines in labels) * line_height + 6
     margin = 56
     width = margin + len(prompts) * cell
-    height = len(rows) * (cell + text_height)
+    note_lines = [line for note in notes for line in _wrap(note, font, width - 8)]
+    height = len(rows) * (cell + text_height) + (len(note_lines) * line_height + 8 if note_lines else 0)
     grid = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(grid)
+    for i, line in enumerate(note_lines):
+        draw.text((4, len(rows) * (cell + text_height) + 4 + i * line_height), line, fill=(170, 0, 0), font=font)
     for r, (row_label, images) in enumerate(rows):
         if len(images) != len(prompts):
             raise ValueError(f"sample_grid: row {row_label!r} has {len(images)} images for {len(prompts)} prompts")
@@ -357,13 +408,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tokenpaint.demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--out", default="demo", help="output directory (default: demo)")
-    for stage, minutes in DEFAULT_MINUTES.items():
-        p.add_argument(f"--minutes-{stage}", type=float, default=minutes, metavar="M",
-                       help=f"training budget of the {stage} stage in minutes (default: {minutes})")
+    for stage in STAGES:
+        p.add_argument(f"--minutes-{stage}", type=float, metavar="M",
+                       help=f"optional cap on the {stage} stage's training time: it stops after M minutes even if it "
+                            f"has not trained its recipe's steps (reported, lower quality; default: no cap)")
     p.add_argument("--skip-gpt", action="store_true", help="train and sample only the masked transformer")
     p.add_argument("--one-at-a-time", action="store_true",
-                   help="train the two generators one after the other on all threads, not side by side (each still "
-                        "gets its --minutes-*, so this takes longer)")
+                   help="train the two generators one after the other, not side by side (the same models, slower)")
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                   help=f"torch CPU threads: the VQGAN and the sampling get N, each generator N // 2 (default "
+                        f"{DEFAULT_THREADS}); the same N gives the same bits, whatever else the machine runs")
     p.add_argument("--seed", type=int, default=0, help="seed of the dataset, the training runs and the samples")
     p.add_argument("--num-train", type=int, default=4000, help="training rows of the built-in dataset")
     p.add_argument("--num-val", type=int, default=256, help="validation rows of the built-in dataset")
@@ -373,11 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args) -> None:
-    for stage in DEFAULT_MINUTES:
+    for stage in STAGES:
         value = getattr(args, f"minutes_{stage}")
-        if value <= 0:
+        if value is not None and value <= 0:
             raise ValueError(f"--minutes-{stage} must be positive, got {value}")
-    for flag in ("num_train", "images_per_prompt"):
+    for flag in ("num_train", "images_per_prompt", "threads"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.num_val < 1:
@@ -389,11 +443,24 @@ def check_args(args) -> None:
                                     f"{CONFIG_DIR})")
 
 
+def expected_minutes(steps: dict[str, int], names: Sequence[str], side_by_side: bool) -> float:
+    """Training minutes of the stages `names` on the reference machine (the generators overlap when side by side)."""
+    seconds = {name: steps[name] * REFERENCE_SECONDS_PER_STEP[name] for name in names}
+    generators = [seconds[name] for name in names if name != "vqgan"]
+    return (seconds.get("vqgan", 0.0) + (max(generators, default=0.0) if side_by_side else sum(generators))) / 60
+
+
 def run_demo(args) -> dict:
-    """Everything `make demo` does; returns {"timings": {stage: seconds}, "samples": path, "scores": {...}}."""
+    """Everything `make demo` does; returns {"timings": {stage: seconds}, "samples": path, "scores": {...},
+    "capped": [one line per stage a --minutes-* cap stopped early]}."""
     check_args(args)
+    import torch
+
     from . import Pipeline
 
+    steps = recipe_steps(args.config_dir)
+    torch.set_num_threads(args.threads)  # the VQGAN stage and the sampling; fixed, so the bits are too
+    generator_threads = max(1, args.threads // 2)
     out = args.out
     os.makedirs(out, exist_ok=True)
     timings, scores = {}, {}
@@ -402,47 +469,64 @@ def run_demo(args) -> dict:
         timings[stage] = seconds
         print(f"[demo] {stage:<8} {seconds:7.1f} s  {what}", flush=True)
 
+    vqgan_dir = os.path.join(out, "vqgan")
+    kinds = ["mim"] + ([] if args.skip_gpt else ["gpt"])
+    to_train = [name for name in ["vqgan", *kinds] if stage_state(os.path.join(out, name)) != "done"]
+    side_by_side = len([k for k in kinds if k in to_train]) > 1 and not args.one_at_a_time
+    if to_train:
+        caps = [f"--minutes-{name} {getattr(args, f'minutes_{name}'):g}" for name in to_train
+                if getattr(args, f"minutes_{name}") is not None]
+        print(f"[demo] recipe: {', '.join(f'{name} {steps[name]} steps' for name in to_train)} "
+              f"({args.config_dir}); expected ~{expected_minutes(steps, to_train, side_by_side) + 1:.0f} min on "
+              f"{REFERENCE_MACHINE}, longer on a slower or busier one, with the same result"
+              f"{'; capped by ' + ', '.join(caps) if caps else ''}", flush=True)
+
     t0 = start = time.monotonic()
     marker = os.path.join(out, "data", "dataset.json")
     before = os.stat(marker).st_mtime_ns if os.path.isfile(marker) else None
     train_tsv, val_tsv, _ = prepare_data(os.path.join(out, "data"), args.num_train, args.num_val, args.seed)
-    trained = [name for name in ("vqgan", "mim", "gpt") if stage_state(os.path.join(out, name)) != "new"]
+    trained = [name for name in STAGES if stage_state(os.path.join(out, name)) != "new"]
     if before is not None and os.stat(marker).st_mtime_ns != before and trained:
         print(f"[demo] note: the dataset changed (--num-train/--num-val/--seed) but {', '.join(trained)} in {out} "
               f"were trained on the old one and are reused; `make clean-demo` (rm -rf {out}) starts over", flush=True)
     tokenizer = prepare_tokenizer(train_tsv, os.path.join(out, "data", "tokenizer.model"))
     log("data", time.monotonic() - t0, f"{args.num_train} training rows in {os.path.join(out, 'data')}")
 
-    vqgan_dir = os.path.join(out, "vqgan")
-    kinds = ["mim"] + ([] if args.skip_gpt else ["gpt"])
-
     def stage_kwargs(name: str) -> dict:
-        return dict(run_dir=os.path.join(out, name), minutes=getattr(args, f"minutes_{name}"), data=train_tsv,
-                    val=val_tsv, config=os.path.join(args.config_dir, f"{name}.yaml"), seed=args.seed,
+        return dict(run_dir=os.path.join(out, name), steps=steps[name], minutes=getattr(args, f"minutes_{name}"),
+                    data=train_tsv, val=val_tsv, config=os.path.join(args.config_dir, f"{name}.yaml"), seed=args.seed,
                     vqgan_dir=None if name == "vqgan" else vqgan_dir, tokenizer=None if name == "vqgan" else tokenizer)
 
-    to_train = [name for name in kinds if stage_state(os.path.join(out, name)) != "done"]
-    together = to_train if len(to_train) > 1 and not args.one_at_a_time else []
+    together = [kind for kind in kinds if kind in to_train] if side_by_side else []
     for name in ["vqgan", *[kind for kind in kinds if kind not in together]]:
         t0 = time.monotonic()
         if stage_state(os.path.join(out, name)) != "done":
-            print(f"[demo] {name}: training for up to {getattr(args, f'minutes_{name}')} min -> "
-                  f"{os.path.join(out, name)}", flush=True)
-        what = run_stage(name, **stage_kwargs(name))
-        log(name, time.monotonic() - t0, f"{what} ({os.path.join(out, name)})")
+            print(f"[demo] {name}: training {steps[name]} steps -> {os.path.join(out, name)}", flush=True)
+        threads = args.threads if name == "vqgan" else generator_threads
+        torch.set_num_threads(threads)
+        try:
+            what = run_stage(name, **stage_kwargs(name))
+        finally:
+            torch.set_num_threads(args.threads)
+        seconds = time.monotonic() - t0
+        log(name, seconds, f"{what} ({os.path.join(out, name)})")
+        if name == "vqgan" and what.startswith("trained") and to_train[1:]:
+            pace = seconds / (steps["vqgan"] * REFERENCE_SECONDS_PER_STEP["vqgan"])
+            rest = expected_minutes(steps, to_train[1:], side_by_side) * pace
+            print(f"[demo] this machine ran the VQGAN at {1 / pace:.2f}x the reference pace: the generators should "
+                  f"take ~{rest:.0f} min", flush=True)
     if together:
-        import torch
-
-        threads = max(1, torch.get_num_threads() // len(together))
         t0 = time.monotonic()
-        print(f"[demo] {' + '.join(together)}: training side by side, {threads} thread(s) each, for up to "
-              f"{' / '.join(str(getattr(args, f'minutes_{name}')) for name in together)} min -> "
+        print(f"[demo] {' + '.join(together)}: training side by side, {generator_threads} thread(s) each, "
+              f"{' / '.join(str(steps[name]) for name in together)} steps -> "
               f"{', '.join(os.path.join(out, name) for name in together)} (logs in {os.path.join(out, 'logs')})",
               flush=True)
-        done = run_stages_side_by_side({name: stage_kwargs(name) for name in together}, threads,
+        done = run_stages_side_by_side({name: stage_kwargs(name) for name in together}, generator_threads,
                                        os.path.join(out, "logs"))
         for name in together:
             log(name, time.monotonic() - t0, f"{done[name]} ({os.path.join(out, name)}, side by side)")
+    capped = [line for name in ["vqgan", *kinds]
+              if (line := recipe_share(name, os.path.join(out, name), getattr(args, f"minutes_{name}")))]
 
     t0 = time.monotonic()
     prompts = list(DEMO_PROMPTS)
@@ -456,7 +540,9 @@ def run_demo(args) -> dict:
             rows.append((kind, images[j::args.images_per_prompt]))
     cjk_font = find_cjk_font()
     samples = os.path.join(out, "samples.png")
-    sample_grid(rows, prompts, cjk_font).save(samples)
+    png = io.BytesIO()
+    sample_grid(rows, prompts, cjk_font, notes=capped).save(png, format="PNG")
+    atomic_write_bytes(samples, png.getvalue())
     log("samples", time.monotonic() - t0, f"{len(rows)} rows x {len(prompts)} prompts -> {samples}")
     if cjk_font is None:
         print("[demo] no CJK font on this system (fc-list :lang=zh): Chinese prompts are labelled with their English "
@@ -464,10 +550,12 @@ def run_demo(args) -> dict:
     for kind, score in scores.items():
         print(f"[demo] {kind}: {score['match']:.0%} of the samples match their prompt in colour, shape and position "
               f"(measure_scene; benchmarks/demo_quality.py measures this on held-out prompts)", flush=True)
+    for line in capped:
+        print(f"[demo] note: {line}; without the cap (after rm -rf {out}) it trains the whole recipe", flush=True)
     print(f"[demo] done in {(time.monotonic() - start) / 60:.1f} min: samples in {samples}; try\n"
           f"  python generate.py --model {os.path.join(out, kinds[0])} --prompt \"a large red circle on the left\" "
           f"--out-dir {os.path.join(out, 'generated')}", flush=True)
-    return {"timings": timings, "samples": samples, "scores": scores}
+    return {"timings": timings, "samples": samples, "scores": scores, "capped": capped}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -1,7 +1,11 @@
 """`python -m tokenpaint.demo`: judging samples against prompts, the grid, stage reuse/resume, the whole orchestration
 with tiny models (a few optimizer steps each)."""
+import contextlib
 import os
+import shutil
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -161,7 +165,7 @@ def test_demo_end_to_end_then_reuse_then_resume(tmp_path, capsys):
     weights = {kind: os.stat(out / kind / "model.safetensors").st_mtime_ns for kind in ("vqgan", "mim", "gpt")}
     assert demo.main(argv) == 0
     printed = capsys.readouterr().out
-    assert printed.count("reused") == 3 and "training for up to" not in printed
+    assert printed.count("reused") == 3 and "training" not in printed and "[demo] recipe" not in printed
     assert weights == {kind: os.stat(out / kind / "model.safetensors").st_mtime_ns for kind in weights}
 
     # a half-finished stage (checkpoints, no final model) resumes instead of starting over
@@ -212,7 +216,7 @@ def test_a_stage_that_spent_its_budget_but_was_not_recorded_finished(tmp_path, m
     argv = ["--out", str(out), "--config-dir", tiny_configs(tmp_path / "configs"), "--num-train", "12",
             "--num-val", "4", "--images-per-prompt", "1", "--skip-gpt"]
     assert demo.main(argv) == 0
-    stage = {"run_dir": str(out / "mim"), "minutes": 6.0, "data": str(out / "data" / "train.tsv"),
+    stage = {"run_dir": str(out / "mim"), "steps": 2, "minutes": 6.0, "data": str(out / "data" / "train.tsv"),
              "val": str(out / "data" / "val.tsv"), "config": "unused", "seed": 0}
     monkeypatch.setattr(common.TimeBudget, "check_not_spent", spent)
     (out / "mim" / demo.FINISHED_RECORD).unlink()  # killed after saving its model, before it was recorded
@@ -253,5 +257,103 @@ def test_one_at_a_time_trains_the_generators_in_this_process(tmp_path, capsys):
     assert demo.main(argv) == 0
     printed = capsys.readouterr().out
     assert "side by side" not in printed and not (out / "logs").exists()
-    assert printed.index("[demo] mim: training for up to") < printed.index("[demo] gpt: training for up to")
+    assert printed.index("[demo] mim: training 2 steps") < printed.index("[demo] gpt: training 2 steps")
     assert all(demo.stage_state(str(out / kind)) == "done" for kind in ("mim", "gpt"))
+
+
+# ----------------------------------------------------------------------------------------------- recipe and caps
+
+
+def test_the_recipe_is_the_configs_step_counts(tmp_path):
+    assert demo.recipe_steps(CONFIGS) == {"vqgan": 1000, "mim": 3000, "gpt": 3000}
+    configs = tiny_configs(tmp_path / "configs")
+    with open(os.path.join(configs, "mim.yaml"), encoding="utf-8") as f:
+        cfg = yaml.safe_load(f)
+    cfg["train"]["max_steps"] = "many"
+    with open(os.path.join(configs, "mim.yaml"), "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg, f)
+    with pytest.raises(ValueError, match=r"mim\.yaml: train\.max_steps \(the demo's recipe for the mim stage\)"):
+        demo.recipe_steps(configs)
+
+
+def test_sample_grid_prints_notes_under_the_rows():
+    prompts = ["a large red circle in the center"]
+    images = [draw_scene(demo.parse_caption(prompts[0]), 32)]
+    plain = demo.sample_grid([("mim", images)], prompts, cell=64)
+    noted = demo.sample_grid([("mim", images)], prompts, cell=64, notes=["mim: stopped by --minutes-mim 1 at 10/3000"])
+    assert noted.width == plain.width and noted.height > plain.height
+    below = noted.crop((0, plain.height, noted.width, noted.height)).convert("RGB")
+    assert any(r > 120 and g < 60 for r, g, b in np.asarray(below).reshape(-1, 3))  # the note, in red
+
+
+def test_a_capped_stage_says_what_share_of_the_recipe_it_trained(tmp_path, capsys):
+    configs = tiny_configs(tmp_path / "configs")
+    with open(os.path.join(configs, "vqgan.yaml"), encoding="utf-8") as f:
+        cfg = yaml.safe_load(f)
+    cfg["train"]["max_steps"] = 4
+    with open(os.path.join(configs, "vqgan.yaml"), "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg, f)
+    out = tmp_path / "demo"
+    argv = ["--out", str(out), "--config-dir", configs, "--num-train", "12", "--num-val", "4", "--images-per-prompt",
+            "1", "--skip-gpt", "--minutes-vqgan", "1e-6"]  # the cap ends the VQGAN after its first step
+    result = demo.run_demo(demo.build_parser().parse_args(argv))
+    printed = capsys.readouterr().out
+    line = "vqgan: stopped by --minutes-vqgan 1e-06 at 1/4 steps, 25% of the recipe: quality will be lower than the recipe's"
+    assert result["capped"] == [line] and f"[demo] note: {line}" in printed
+    assert "capped by --minutes-vqgan 1e-06" in printed  # said up front too
+    with Image.open(out / "samples.png") as grid:  # the note is drawn under the samples
+        assert grid.height > demo.sample_grid([("mim", [Image.new("RGB", (32, 32))] * 8)], demo.DEMO_PROMPTS).height
+    assert demo.run_demo(demo.build_parser().parse_args(argv))["capped"] == [line]  # reused: still reported
+
+
+# ----------------------------------------------------------------------------------------------- same command, same bits
+
+
+class CpuHog:
+    """Busy-looping processes beside the test (a machine running other work)."""
+
+    def __init__(self, count=1):
+        self.count = count
+
+    def __enter__(self):
+        self.processes = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.count)]
+        return self
+
+    def __exit__(self, *exc):
+        for process in self.processes:
+            process.kill()
+            process.wait()
+
+
+def demo_files(out) -> dict:
+    names = [f"{kind}/model.safetensors" for kind in ("vqgan", "mim", "gpt")] + ["samples.png", "data/tokenizer.model"]
+    return {name: (out / name).read_bytes() for name in names if (out / name).is_file()}
+
+
+def same_bits_under_load(tmp_path, extra_argv, vqgan_steps, generator_steps) -> None:
+    configs = tiny_configs(tmp_path / "configs")
+    for name, steps in (("vqgan", vqgan_steps), ("mim", generator_steps), ("gpt", generator_steps)):
+        with open(os.path.join(configs, f"{name}.yaml"), encoding="utf-8") as f:
+            cfg = yaml.safe_load(f)
+        cfg["train"].update(max_steps=steps, warmup_steps=1)
+        with open(os.path.join(configs, f"{name}.yaml"), "w", encoding="utf-8") as f:
+            yaml.safe_dump(cfg, f)
+    files, out = [], tmp_path / "demo"
+    for hog in (contextlib.nullcontext(), CpuHog()):
+        shutil.rmtree(out, ignore_errors=True)  # a second run from nothing, into the same place
+        with hog:
+            assert demo.main(["--out", str(out), "--config-dir", configs, "--num-train", "16", "--num-val", "4",
+                              "--images-per-prompt", "1", *extra_argv]) == 0
+        files.append(demo_files(out))
+    assert len(files[0]) == len(files[1]) >= 4
+    assert [name for name in files[0] if files[0][name] != files[1][name]] == []
+
+
+def test_same_command_same_bits_with_a_cpu_hog_beside_it(tmp_path):
+    """The recipe is steps, the lr follows them and the threads are fixed: a busy machine only takes longer."""
+    same_bits_under_load(tmp_path, ["--skip-gpt", "--threads", "1"], vqgan_steps=3, generator_steps=6)
+
+
+@pytest.mark.slow
+def test_same_bits_with_the_generators_side_by_side_under_a_cpu_hog(tmp_path):
+    same_bits_under_load(tmp_path, [], vqgan_steps=30, generator_steps=60)

@@ -13,7 +13,8 @@ from PIL import Image, ImageDraw
 
 from tokenpaint.training.common import (EMA, CheckpointManager, GracefulStop, MetricsLogger, NonFiniteLossError,
                                         ResumableBatches, TimeBudget, TrainOptions, capture_rng, check_finite,
-                                        cosine_lr, load_config, resume_command, restore_rng)
+                                        cosine_lr, load_config, resume_command, restore_rng,
+                                        settle_decay_with_budget)
 
 
 def write_shapes_tsv(path, num_rows, resolution=16, seed=0, bad_lines=()):
@@ -150,6 +151,19 @@ def test_cosine_lr_follows_the_time_budget_when_it_runs_out_first():
     assert cosine_lr(20, 10, 100, 1.0, 0.1, time_fraction=1.0) == pytest.approx(0.1)  # budget spent: the floor
     assert cosine_lr(80, 10, 100, 1.0, 0.1, time_fraction=0.1) == cosine_lr(80, 10, 100, 1.0, 0.1)  # steps lead
     assert cosine_lr(3, 10, 100, 1.0, 0.1, time_fraction=0.9) == pytest.approx(0.4)  # warmup stays by steps
+
+
+def test_the_lr_follows_the_time_budget_only_for_a_run_without_max_steps():
+    def settled(max_steps, max_minutes, configured=True):
+        train = {"decay_with_budget": configured}
+        settle_decay_with_budget(train, TrainOptions(stage="vqgan", data="a.tsv", config="c.yaml", out="o",
+                                                     max_steps=max_steps, max_minutes=max_minutes))
+        return train["decay_with_budget"]
+
+    assert settled(None, 6.0)  # --max-minutes alone: a time-budget run decays by time
+    assert not settled(1000, 6.0)  # steps are the recipe, the minutes a cap
+    assert not settled(None, None) and not settled(1000, None)
+    assert not settled(None, 6.0, configured=False)  # train.decay_with_budget: false
 
 
 def test_time_budget_counts_the_whole_run_across_resumes():

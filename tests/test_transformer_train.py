@@ -258,6 +258,23 @@ def test_decay_with_budget_false_keeps_the_step_schedule(env, trained, tmp_path,
     assert lrs == pytest.approx([cosine_lr(s, 2, 1000, 3e-3, 3e-4) for s in range(5)])
 
 
+def test_max_steps_with_max_minutes_keeps_the_step_schedule_and_reports_the_share(env, trained, tmp_path,
+                                                                                 monkeypatch, capsys):
+    StepClock(monkeypatch)
+    config = write_config(tmp_path / "c.yaml", "gpt", warmup_steps=2, max_steps=1000, log_every=1, val_every=1000)
+    out = tmp_path / "run"
+    summary = train_transformer(options(env, out, config, tokenizer=str(trained["gpt"] / "tokenizer.model"),
+                                        max_steps=40, max_minutes=5 / 60))  # the minutes only cap the 40 steps
+    assert summary["stopped"] == "time budget" and summary["step"] == 5
+    lrs = [m["lr"] for m in metrics(out) if "lr" in m]
+    assert lrs == pytest.approx([cosine_lr(s, 2, 40, 3e-3, 3e-4) for s in range(5)])
+    assert "stopped at step 5/40, 12% of the steps" in capsys.readouterr().err
+    resumed = train_transformer(options(env, out, None, resume=True, vqgan_dir=None))  # no cap: the rest of the steps
+    assert resumed["step"] == 40
+    lrs = [m["lr"] for m in metrics(out) if "lr" in m]
+    assert lrs == pytest.approx([cosine_lr(s, 2, 40, 3e-3, 3e-4) for s in range(40)])
+
+
 def test_compile_flag_compiles_the_training_forward_with_the_same_result(env, trained, tmp_path, monkeypatch):
     from tokenpaint.training import common
 

@@ -167,7 +167,8 @@ def report_finish(opts: TrainOptions, step: int, max_steps: int, stop_reason: st
         return
     print(f"saved {opts.out} (step {step}); checkpoint: {checkpoint}", file=sys.stderr)
     if stop_reason == "time budget":  # the budget counts the whole run: continuing needs a larger one
-        print(f"stopped at step {step}/{max_steps} (time budget of {opts.max_minutes:g} minutes spent); "
+        print(f"stopped at step {step}/{max_steps}, {step / max_steps:.0%} of the steps (time budget of "
+              f"{opts.max_minutes:g} minutes spent); "
               f"checkpoint: {checkpoint}\ntrain longer with: {resume_command(opts, 2 * opts.max_minutes)}",
               file=sys.stderr, flush=True)
     elif stop_reason not in COMPLETE_STOPS:
@@ -345,6 +346,15 @@ class GracefulStop:
             signal.signal(sig, handler)
         self._previous.clear()
         return False
+
+
+def settle_decay_with_budget(train: dict, opts: TrainOptions) -> None:
+    """Whether the lr decay follows the time budget, decided once at the start and stored in the run's config (a
+    resume keeps it): only for a time-budget run, --max-minutes without --max-steps (and train.decay_with_budget, the
+    default). With --max-steps too, or without --max-minutes, the lr follows the steps: the recipe is the step count,
+    and --max-minutes only caps it (a capped run reports the share of its steps it trained)."""
+    train["decay_with_budget"] = bool(train["decay_with_budget"]) and opts.max_minutes is not None and \
+        opts.max_steps is None
 
 
 class BudgetSpent(ValueError):

@@ -10,8 +10,9 @@ metrics.jsonl, checkpoints/step_XXXXXXXX.pt, samples/sample_XXXXXXXX.png, cache/
 Config: the sections of tokenpaint.transformer.presets (model, tokenizer, train, sample) plus `data` (resolution:
 default the VQGAN's; shuffle) and these train keys: seed, decay_steps (the cosine horizon; default max_steps, so
 a run stopped by --max-steps and resumed keeps its schedule only if this is set), val_batches, sample_images,
-cache_batch_size; `bf16` may be "auto". With --max-minutes the decay also follows the share of the time budget used
-(train.decay_with_budget), so a time-limited run ends at min_lr. GPT trains with plain CE; "mim" with label smoothing
+cache_batch_size; `bf16` may be "auto". With --max-minutes alone the decay also follows the share of the time budget
+used (train.decay_with_budget), so a time-limited run ends at min_lr; with --max-steps too the lr follows the steps
+and the minutes only cap the run (common.settle_decay_with_budget). GPT trains with plain CE; "mim" with label smoothing
 (train.label_smoothing) on masked positions.
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ..vqgan import VQGAN
 from .common import (CheckpointManager, GracefulStop, MetricsLogger, TimeBudget, TrainOptions, capture_rng,
                      check_finite, claim_run_directory, cleanup_distributed, cosine_lr, is_distributed, is_main,
                      load_config, maybe_compile, progress_bar, report_finish, resolve_bf16, restore_rng, save_yaml,
-                     set_seed, setup_distributed, start_or_resume, sync_progress)
+                     set_seed, settle_decay_with_budget, setup_distributed, start_or_resume, sync_progress)
 from .model_card import write_model_card
 from .transformer_lora import apply_lora_options, attach_adapter, base_path, lora_enabled
 from .transformer_data import GlobalBatches, corrupt, rank_rows, summed_cross_entropy
@@ -48,6 +49,7 @@ def resolve_config(opts: TrainOptions) -> dict:
     for key, value in (("batch_size", opts.batch_size), ("max_steps", opts.max_steps), ("seed", opts.seed)):
         if value is not None:
             train[key] = value
+    settle_decay_with_budget(train, opts)
     try:
         check_mask_schedule(train["mask_schedule"])
     except ValueError as e:

@@ -25,7 +25,7 @@ from .codebook import CodebookMonitor
 from .common import (EMA, CheckpointManager, GracefulStop, MetricsLogger, ResumableBatches, TimeBudget, TrainOptions,
                      capture_rng, check_finite, claim_run_directory, cleanup_distributed, cosine_lr, is_distributed,
                      is_main, load_config, maybe_compile, progress_bar, report_finish, resolve_bf16, restore_rng,
-                     save_yaml, set_seed, setup_distributed, start_or_resume, sync_progress)
+                     save_yaml, set_seed, settle_decay_with_budget, setup_distributed, start_or_resume, sync_progress)
 from .model_card import write_model_card
 
 LOSS_DEFAULTS = dict(l1_weight=1.0, l2_weight=0.0, perceptual_weight=1.0, codebook_weight=1.0, lpips_vgg=None,
@@ -67,6 +67,7 @@ def resolve_config(opts: TrainOptions, world_size: int) -> dict:
         train["max_steps"] = opts.max_steps
     if opts.seed is not None:
         train["seed"] = opts.seed
+    settle_decay_with_budget(train, opts)
     if train["lr"] is None:  # taming: lr = base_lr x global batch
         train["lr"] = train["base_lr"] * train["batch_size"] * train["grad_accum"] * world_size
     if cfg["data"]["resolution"] is None:
