@@ -11,8 +11,8 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml scripts/install_torch.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	bash scripts/install_torch.sh $(BIN)/pip
-	# the serve and ui extras too: the test suite runs the server and its web page
-	$(BIN)/pip install -q -e '.[serve,ui,test]'
+	# the serve and ui extras too: the test suite runs the server and its web page; demo: the CJK font
+	$(BIN)/pip install -q -e '.[serve,ui,test,demo]'
 	# taming-transformers is the parity reference; its declared deps (lightning, torchvision) are not needed.
 	$(BIN)/pip install -q --no-deps taming-transformers==0.0.1
 	touch $@

@@ -1,12 +1,13 @@
 """`make demo`: the whole pipeline on the built-in dataset, on CPU, in minutes.
 
-    python -m tokenpaint.demo --out demo [--minutes-vqgan M] [--minutes-mim M] [--minutes-gpt M] [--skip-gpt]
-                                         [--threads N] [--seed S] [--num-train N]
+    python -m tokenpaint.demo [--dataset shapes|glyphs] [--out DIR] [--minutes-vqgan M] [--minutes-mim M]
+                              [--minutes-gpt M] [--skip-gpt] [--threads N] [--seed S] [--num-train N]
 
-Writes the built-in dataset and a word-level caption tokenizer (OUT/data/), trains the demo VQGAN (OUT/vqgan/), the
-demo masked transformer (OUT/mim/) and the demo GPT (OUT/gpt/) with the configs in configs/demo/, then draws a grid of
-samples for DEMO_PROMPTS (English and Chinese) from each generator into OUT/samples.png, the prompt under each image
-(Chinese prompts in their English rendering, marked "zh:", when no CJK font is found).
+Writes a built-in dataset (--dataset shapes: coloured shapes, the default; glyphs: coloured letters and digits) and a
+word-level caption tokenizer (OUT/data/), trains the demo VQGAN (OUT/vqgan/), the demo masked transformer (OUT/mim/)
+and the demo GPT (OUT/gpt/) with the configs in configs/demo/ (the same for both datasets), then draws a grid of
+samples for the dataset's prompts (English and Chinese) from each generator into OUT/samples.png, the prompt under
+each image (Chinese prompts in their English rendering, marked "zh:", when no CJK font is found).
 
 The recipe is a step count per stage (train.max_steps of each demo config), and the lr decays over those steps, so
 the result does not depend on how fast the machine is: with the same --threads, two runs give byte-identical weights
@@ -32,17 +33,14 @@ import multiprocessing
 import os
 import pickle
 import queue
-import subprocess
 import sys
 import time
 import traceback
 from typing import Optional, Sequence
 
-from PIL import Image, ImageDraw, ImageFont
-
-from .data import (DEMO_PROMPTS, DEMO_VOCAB_SIZE, TextTokenizer, describe_scene, iter_rows, make_demo_dataset,
-                   measure_scene, parse_caption)
-from .data.demo import COLOR_ZH, SHAPE_ZH, SIZE_ZH
+from .data import DEMO_VOCAB_SIZE, TextTokenizer, iter_rows
+from .data.datasets import DATASETS, get_dataset, judge  # noqa: F401  (judge: for the benchmarks)
+from .demo_grid import find_cjk_font, sample_grid
 from .resources import configs_dir
 from .utils import atomic_write_bytes
 
@@ -54,32 +52,10 @@ STAGES = ("vqgan", "mim", "gpt")
 REFERENCE_SECONDS_PER_STEP = {"vqgan": 0.35, "mim": 0.121, "gpt": 0.122}
 REFERENCE_MACHINE = "a quiet 2-core AVX2 machine"
 DEFAULT_THREADS = 2  # the VQGAN's; each generator gets half. Fixed (not the core count): the same bits everywhere
-ATTRIBUTES = ("color", "shape", "size", "horizontal", "vertical")
-CELL = 128  # pixels per sample in the grid (32x32 images scaled up, nearest)
-# Chinese has no spaces to stop BPE merges: at vocab 400 they fused whole phrases ("色圆形", "一个小的橙") while
-# English colour words fell apart ("g re en"). Declaring the demo's Chinese words as user-defined pieces makes every
-# content word one piece in both languages (captions <= 11 ids), as the conditioning learns fastest with word-level ids.
-DEMO_ZH_WORDS = (*COLOR_ZH.values(), *SHAPE_ZH.values(), *SIZE_ZH.values(), "中间", "左", "右", "上", "下", "边", "角",
-                 "一个", "画面", "有", "在")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# judging a generated image against its prompt (also used by benchmarks/demo_quality.py)
-
-
-def judge(image, prompt: str) -> dict[str, bool]:
-    """Which attributes of `prompt` (parse_caption) the image shows (measure_scene), per attribute, plus
-    "position" (both axes), "match" (colour, shape and position) and "all" (also size). No object = all False."""
-    wanted = parse_caption(prompt)
-    try:
-        seen = measure_scene(image)
-    except ValueError:  # nothing stands out from the background: a miss on every count
-        return {name: False for name in (*ATTRIBUTES, "position", "match", "all")}
-    verdict = {name: getattr(seen, name) == getattr(wanted, name) for name in ATTRIBUTES}
-    verdict["position"] = verdict["horizontal"] and verdict["vertical"]
-    verdict["match"] = verdict["color"] and verdict["shape"] and verdict["position"]
-    verdict["all"] = verdict["match"] and verdict["size"]
-    return verdict
+# judging generated images against their prompts (judge: tokenpaint.data.datasets; also benchmarks/demo_quality.py)
 
 
 def summarize_verdicts(verdicts: Sequence[dict[str, bool]]) -> dict[str, float]:
@@ -112,10 +88,13 @@ def stage_state(run_dir: str) -> str:
     return "partial" if has_checkpoints else "new"
 
 
-def prepare_data(data_dir: str, num_train: int, num_val: int, seed: int) -> tuple[str, str, str]:
+def prepare_data(data_dir: str, num_train: int, num_val: int, seed: int,
+                 dataset: str = "shapes") -> tuple[str, str, str]:
     """The built-in dataset in data_dir, written once: reused while its parameters are unchanged (rewriting would
     change the files' mtimes and so invalidate the trained stages' token caches)."""
     params = {"num_train": num_train, "num_val": num_val, "resolution": 32, "seed": seed}
+    if dataset != "shapes":  # (the shapes' record predates the choice)
+        params["dataset"] = dataset
     marker = os.path.join(data_dir, "dataset.json")
     paths = tuple(os.path.join(data_dir, name) for name in ("train.tsv", "val.tsv", "prompts.tsv"))
     if os.path.isfile(marker) and all(os.path.isfile(p) for p in paths):
@@ -125,17 +104,17 @@ def prepare_data(data_dir: str, num_train: int, num_val: int, seed: int) -> tupl
     stale_tokenizer = os.path.join(data_dir, "tokenizer.model")
     if os.path.isfile(stale_tokenizer):  # trained on the captions being replaced
         os.remove(stale_tokenizer)
-    paths = make_demo_dataset(data_dir, **params)
+    paths = get_dataset(dataset).make(data_dir, num_train=num_train, num_val=num_val, resolution=32, seed=seed)
     atomic_write_bytes(marker, json.dumps(params).encode())  # written last: a half-written dataset is rebuilt
     return paths
 
 
-def prepare_tokenizer(train_tsv: str, path: str) -> str:
+def prepare_tokenizer(train_tsv: str, path: str, dataset: str = "shapes") -> str:
     """The demo's caption tokenizer (word-level pieces in English and Chinese), trained once; both generators use it."""
     if not os.path.isfile(path):
         prefix = os.path.join(os.path.dirname(path), "spm", "tokenizer")
         trained = TextTokenizer.train((row.text for row in iter_rows(train_tsv)), prefix, vocab_size=DEMO_VOCAB_SIZE,
-                                      user_defined_symbols=list(DEMO_ZH_WORDS))
+                                      user_defined_symbols=list(get_dataset(dataset).zh_words))
         with open(trained.model_file, "rb") as f:
             atomic_write_bytes(path, f.read())  # a half-written tokenizer is never reused
     return path
@@ -313,101 +292,15 @@ def run_stages_side_by_side(stages: dict[str, dict], threads: int, log_dir: str)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# the sample grid
-
-
-def find_cjk_font() -> Optional[str]:
-    """A TrueType/OpenType font file that covers Chinese, if the system has one."""
-    try:
-        listed = subprocess.run(["fc-list", ":lang=zh", "file"], capture_output=True, text=True, timeout=10).stdout
-        files = [line.split(":")[0].strip() for line in listed.splitlines() if line.strip()]
-    except (OSError, subprocess.SubprocessError):
-        files = []
-    patterns = ("*CJK*", "*Han*Sans*", "*wqy*", "*WenQuanYi*", "*DroidSansFallback*", "*SimHei*", "*simhei*",
-                "*msyh*", "*PingFang*", "*SourceHan*", "*NotoSansSC*", "*ukai*", "*uming*")
-    for root in ("/usr/share/fonts", "/usr/local/share/fonts", os.path.expanduser("~/.fonts"), "/System/Library/Fonts",
-                 "C:/Windows/Fonts"):
-        for pattern in patterns:
-            files += glob.glob(os.path.join(root, "**", pattern), recursive=True)
-    return next((f for f in files if f.lower().endswith((".ttf", ".ttc", ".otf")) and os.path.isfile(f)), None)
-
-
-def is_ascii(text: str) -> bool:
-    return all(ord(c) < 128 for c in text)
-
-
-def label_for(prompt: str, cjk_font: Optional[str]) -> str:
-    """What to print under an image: the prompt, or, for a Chinese prompt without a CJK font, its English rendering
-    (the attributes parse_caption reads, captioned in English) marked "zh:"."""
-    if is_ascii(prompt) or cjk_font is not None:
-        return prompt
-    return "zh: " + describe_scene(parse_caption(prompt), "en")
-
-
-def _font(cjk_font: Optional[str], size: int = 13):
-    if cjk_font is not None:
-        try:
-            return ImageFont.truetype(cjk_font, size)
-        except OSError:
-            pass
-    try:
-        return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType (DejaVu-like, no CJK glyphs)
-    except TypeError:
-        return ImageFont.load_default()
-
-
-def _wrap(text: str, font, width: int) -> list[str]:
-    """Greedy line breaking by measured width; CJK text (no spaces) breaks between characters."""
-    units = text.split(" ") if " " in text else list(text)
-    joiner = " " if " " in text else ""
-    lines, line = [], ""
-    for unit in units:
-        candidate = f"{line}{joiner}{unit}" if line else unit
-        if line and font.getlength(candidate) > width:
-            lines.append(line)
-            line = unit
-        else:
-            line = candidate
-    return lines + [line] if line else lines
-
-
-def sample_grid(rows: Sequence[tuple[str, Sequence[Image.Image]]], prompts: Sequence[str],
-                cjk_font: Optional[str] = None, cell: int = CELL, notes: Sequence[str] = ()) -> Image.Image:
-    """One row of images per (row label, images) pair, one column per prompt, the prompt printed under each column's
-    images and the row label at the left of each row; `notes` (e.g. a stage cut short by a cap) below the rows."""
-    font = _font(cjk_font)
-    labels = [_wrap(label_for(p, cjk_font), font, cell - 8) for p in prompts]
-    line_height = int(font.getbbox("Ag")[3]) + 3
-    text_height = max(len(lines) for lines in labels) * line_height + 6
-    margin = 56
-    width = margin + len(prompts) * cell
-    note_lines = [line for note in notes for line in _wrap(note, font, width - 8)]
-    height = len(rows) * (cell + text_height) + (len(note_lines) * line_height + 8 if note_lines else 0)
-    grid = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, line in enumerate(note_lines):
-        draw.text((4, len(rows) * (cell + text_height) + 4 + i * line_height), line, fill=(170, 0, 0), font=font)
-    for r, (row_label, images) in enumerate(rows):
-        if len(images) != len(prompts):
-            raise ValueError(f"sample_grid: row {row_label!r} has {len(images)} images for {len(prompts)} prompts")
-        top = r * (cell + text_height)
-        draw.text((4, top + cell // 2 - line_height // 2), row_label, fill="black", font=font)
-        for c, (image, lines) in enumerate(zip(images, labels)):
-            left = margin + c * cell
-            grid.paste(image.convert("RGB").resize((cell - 8, cell - 8), Image.NEAREST), (left + 4, top + 4))
-            for i, line in enumerate(lines):
-                draw.text((left + 4, top + cell + i * line_height), line, fill="black", font=font)
-    return grid
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # main
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tokenpaint.demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--out", default="demo", help="output directory (default: demo)")
+    p.add_argument("--dataset", choices=tuple(DATASETS), default="shapes",
+                   help="built-in dataset: coloured shapes (default) or coloured letters and digits in three fonts")
+    p.add_argument("--out", help="output directory (default: demo, or demo_glyphs with --dataset glyphs)")
     for stage in STAGES:
         p.add_argument(f"--minutes-{stage}", type=float, metavar="M",
                        help=f"optional cap on the {stage} stage's training time: it stops after M minutes even if it "
@@ -453,6 +346,8 @@ def expected_minutes(steps: dict[str, int], names: Sequence[str], side_by_side: 
 def run_demo(args) -> dict:
     """Everything `make demo` does; returns {"timings": {stage: seconds}, "samples": path, "scores": {...},
     "capped": [one line per stage a --minutes-* cap stopped early]}."""
+    if args.out is None:
+        args.out = "demo" if args.dataset == "shapes" else f"demo_{args.dataset}"
     check_args(args)
     import torch
 
@@ -484,13 +379,15 @@ def run_demo(args) -> dict:
     t0 = start = time.monotonic()
     marker = os.path.join(out, "data", "dataset.json")
     before = os.stat(marker).st_mtime_ns if os.path.isfile(marker) else None
-    train_tsv, val_tsv, _ = prepare_data(os.path.join(out, "data"), args.num_train, args.num_val, args.seed)
+    train_tsv, val_tsv, _ = prepare_data(os.path.join(out, "data"), args.num_train, args.num_val, args.seed,
+                                         args.dataset)
     trained = [name for name in STAGES if stage_state(os.path.join(out, name)) != "new"]
     if before is not None and os.stat(marker).st_mtime_ns != before and trained:
         print(f"[demo] note: the dataset changed (--num-train/--num-val/--seed) but {', '.join(trained)} in {out} "
               f"were trained on the old one and are reused; `make clean-demo` (rm -rf {out}) starts over", flush=True)
-    tokenizer = prepare_tokenizer(train_tsv, os.path.join(out, "data", "tokenizer.model"))
-    log("data", time.monotonic() - t0, f"{args.num_train} training rows in {os.path.join(out, 'data')}")
+    tokenizer = prepare_tokenizer(train_tsv, os.path.join(out, "data", "tokenizer.model"), args.dataset)
+    log("data", time.monotonic() - t0,
+        f"{args.num_train} training rows of {args.dataset} in {os.path.join(out, 'data')}")
 
     def stage_kwargs(name: str) -> dict:
         return dict(run_dir=os.path.join(out, name), steps=steps[name], minutes=getattr(args, f"minutes_{name}"),
@@ -529,31 +426,32 @@ def run_demo(args) -> dict:
               if (line := recipe_share(name, os.path.join(out, name), getattr(args, f"minutes_{name}")))]
 
     t0 = time.monotonic()
-    prompts = list(DEMO_PROMPTS)
+    prompts = list(get_dataset(args.dataset).prompts)
     rows = []
     for kind in kinds:
         pipe = Pipeline.from_pretrained(os.path.join(out, kind))
         images = pipe(prompts, num_images=args.images_per_prompt, seed=args.seed)  # prompt-major
-        verdicts = [judge(image, prompts[i // args.images_per_prompt]) for i, image in enumerate(images)]
+        verdicts = [judge(image, prompts[i // args.images_per_prompt], args.dataset) for i, image in enumerate(images)]
         scores[kind] = summarize_verdicts(verdicts)
         for j in range(args.images_per_prompt):
             rows.append((kind, images[j::args.images_per_prompt]))
     cjk_font = find_cjk_font()
     samples = os.path.join(out, "samples.png")
     png = io.BytesIO()
-    sample_grid(rows, prompts, cjk_font, notes=capped).save(png, format="PNG")
+    sample_grid(rows, prompts, cjk_font, notes=capped, dataset=args.dataset).save(png, format="PNG")
     atomic_write_bytes(samples, png.getvalue())
     log("samples", time.monotonic() - t0, f"{len(rows)} rows x {len(prompts)} prompts -> {samples}")
     if cjk_font is None:
         print("[demo] no CJK font on this system (fc-list :lang=zh): Chinese prompts are labelled with their English "
               "rendering, marked 'zh:'", flush=True)
     for kind, score in scores.items():
-        print(f"[demo] {kind}: {score['match']:.0%} of the samples match their prompt in colour, shape and position "
-              f"(measure_scene; benchmarks/demo_quality.py measures this on held-out prompts)", flush=True)
+        print(f"[demo] {kind}: {score['match']:.0%} of the samples match their prompt in colour, "
+              f"{get_dataset(args.dataset).identity} and position (judged from the pixels; "
+              f"benchmarks/demo_quality.py measures this on held-out prompts)", flush=True)
     for line in capped:
         print(f"[demo] note: {line}; without the cap (after rm -rf {out}) it trains the whole recipe", flush=True)
     print(f"[demo] done in {(time.monotonic() - start) / 60:.1f} min: samples in {samples}; try\n"
-          f"  python generate.py --model {os.path.join(out, kinds[0])} --prompt \"a large red circle on the left\" "
+          f"  python generate.py --model {os.path.join(out, kinds[0])} --prompt \"{prompts[0]}\" "
           f"--out-dir {os.path.join(out, 'generated')}", flush=True)
     return {"timings": timings, "samples": samples, "scores": scores, "capped": capped}
 

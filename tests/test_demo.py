@@ -12,8 +12,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from tokenpaint import demo
-from tokenpaint.data import SceneAttributes, describe_scene, draw_scene
+from tokenpaint import demo, demo_grid
+from tokenpaint.data import DEMO_PROMPTS, SceneAttributes, describe_scene, draw_scene, parse_caption
+from tokenpaint.data.glyphs import GLYPH_PROMPTS
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo")
 
@@ -55,14 +56,14 @@ def test_summarize_verdicts_gives_fractions():
 
 
 def test_chinese_labels_fall_back_to_their_english_rendering_without_a_cjk_font():
-    assert demo.label_for("左边一个大的紫色三角形", None) == "zh: a large purple triangle on the left"
-    assert demo.label_for("a small blue square on the left", None) == "a small blue square on the left"
-    assert demo.label_for("左边一个大的紫色三角形", "/some/cjk.ttf") == "左边一个大的紫色三角形"
+    assert demo_grid.label_for("左边一个大的紫色三角形", None) == "zh: a large purple triangle on the left"
+    assert demo_grid.label_for("a small blue square on the left", None) == "a small blue square on the left"
+    assert demo_grid.label_for("左边一个大的紫色三角形", "/some/cjk.ttf") == "左边一个大的紫色三角形"
 
 
 def test_sample_grid_layout_and_bad_rows():
     prompts = ["a large red circle in the center", "右边一个小的红色三角形", "a small blue square on the left"]
-    images = [draw_scene(demo.parse_caption(p), 32) for p in prompts]
+    images = [draw_scene(parse_caption(p), 32) for p in prompts]
     grid = demo.sample_grid([("mim", images), ("gpt", images)], prompts, cell=64)
     assert grid.width == 56 + 3 * 64 and grid.height > 2 * 64
     # the first image is pasted (scaled up, nearest) inside its cell: its centre shows the red circle
@@ -157,15 +158,15 @@ def test_demo_end_to_end_then_reuse_then_resume(tmp_path, capsys):
     for kind in ("vqgan", "mim", "gpt"):
         assert demo.stage_state(str(out / kind)) == "done"
     with Image.open(out / "samples.png") as grid:
-        assert grid.width == 56 + len(demo.DEMO_PROMPTS) * demo.CELL
-        assert grid.height > 2 * demo.CELL  # one row per generator
+        assert grid.width == 56 + len(DEMO_PROMPTS) * demo_grid.CELL
+        assert grid.height > 2 * demo_grid.CELL  # one row per generator
     assert str(out / "samples.png") in printed
 
     # again: everything is reused, nothing retrained
     weights = {kind: os.stat(out / kind / "model.safetensors").st_mtime_ns for kind in ("vqgan", "mim", "gpt")}
     assert demo.main(argv) == 0
     printed = capsys.readouterr().out
-    assert printed.count("reused") == 3 and "training" not in printed and "[demo] recipe" not in printed
+    assert printed.count("reused") == 3 and ": training" not in printed and "[demo] recipe" not in printed
     assert weights == {kind: os.stat(out / kind / "model.safetensors").st_mtime_ns for kind in weights}
 
     # a half-finished stage (checkpoints, no final model) resumes instead of starting over
@@ -278,7 +279,7 @@ def test_the_recipe_is_the_configs_step_counts(tmp_path):
 
 def test_sample_grid_prints_notes_under_the_rows():
     prompts = ["a large red circle in the center"]
-    images = [draw_scene(demo.parse_caption(prompts[0]), 32)]
+    images = [draw_scene(parse_caption(prompts[0]), 32)]
     plain = demo.sample_grid([("mim", images)], prompts, cell=64)
     noted = demo.sample_grid([("mim", images)], prompts, cell=64, notes=["mim: stopped by --minutes-mim 1 at 10/3000"])
     assert noted.width == plain.width and noted.height > plain.height
@@ -302,7 +303,7 @@ def test_a_capped_stage_says_what_share_of_the_recipe_it_trained(tmp_path, capsy
     assert result["capped"] == [line] and f"[demo] note: {line}" in printed
     assert "capped by --minutes-vqgan 1e-06" in printed  # said up front too
     with Image.open(out / "samples.png") as grid:  # the note is drawn under the samples
-        assert grid.height > demo.sample_grid([("mim", [Image.new("RGB", (32, 32))] * 8)], demo.DEMO_PROMPTS).height
+        assert grid.height > demo.sample_grid([("mim", [Image.new("RGB", (32, 32))] * 8)], DEMO_PROMPTS).height
     assert demo.run_demo(demo.build_parser().parse_args(argv))["capped"] == [line]  # reused: still reported
 
 
@@ -357,3 +358,17 @@ def test_same_command_same_bits_with_a_cpu_hog_beside_it(tmp_path):
 @pytest.mark.slow
 def test_same_bits_with_the_generators_side_by_side_under_a_cpu_hog(tmp_path):
     same_bits_under_load(tmp_path, [], vqgan_steps=30, generator_steps=60)
+
+
+def test_demo_on_the_glyphs_dataset(tmp_path, capsys):
+    out = tmp_path / "glyphs"
+    argv = ["--dataset", "glyphs", "--out", str(out), "--config-dir", tiny_configs(tmp_path / "configs"),
+            "--num-train", "12", "--num-val", "4", "--images-per-prompt", "1", "--skip-gpt"]
+    assert demo.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "12 training rows of glyphs" in printed and "match their prompt in colour, char and position" in printed
+    captions = [line.split("\t")[1] for line in (out / "data" / "train.tsv").read_text(encoding="utf-8").splitlines()]
+    assert all(("letter" in c or "digit" in c or "字母" in c or "数字" in c) for c in captions)
+    assert f'--prompt "{GLYPH_PROMPTS[0]}"' in printed
+    with Image.open(out / "samples.png") as grid:
+        assert grid.width == 56 + len(GLYPH_PROMPTS) * demo_grid.CELL
