@@ -4,6 +4,8 @@
     python generate.py --model RUN_DIR --input prompts.tsv --output predictions.tsv   # EasyNLP predict schema
     python generate.py --model RUN_DIR --prompt "a cat" --init-image in.png --mask mask.png --edit-mode inpaint
     python generate.py --model RUN_DIR --lora STYLE_RUN:0.8 --lora OTHER_RUN:0.5 --prompt "an orange square"
+    python generate.py --model CAPTIONER_DIR --caption a.png b.png            # image -> text: idx \t caption
+    python generate.py --model CAPTIONER_DIR --caption-input images.tsv --output captions.tsv   # idx \t imgbase64
 
 Image i of the request (prompt-major) uses seed + i, so any single image can be regenerated alone.
 """
@@ -32,7 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", nargs="+", action="extend", metavar="TEXT", help="one or more prompts")
     src.add_argument("--input", metavar="PROMPTS.tsv", help="prompt TSV: idx \\t text")
-    p.add_argument("--output", metavar="OUT.tsv", help="write idx \\t text \\t b64png[,b64png...]")
+    src.add_argument("--caption", nargs="+", action="extend", metavar="IMG",
+                     help="caption these image files (a GPT trained with model.directions holding i2t)")
+    src.add_argument("--caption-input", metavar="IMAGES.tsv", help="caption an image TSV: idx \\t imgbase64")
+    p.add_argument("--output", metavar="OUT.tsv",
+                   help="write idx \\t text \\t b64png[,b64png...] (captioning: idx \\t text; default stdout)")
     p.add_argument("--out-dir", metavar="DIR", help="write {idx}_{k}.png (default outputs/ when --output is not given)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--seed", type=int, default=0)
@@ -42,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", metavar="TEXT", help="replaces the empty prompt of guidance")
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float, help="nucleus sampling in [0, 1] (gpt; 0 = only the most likely id)")
-    p.add_argument("--temperature", type=float)
+    p.add_argument("--temperature", type=float, help="captioning: 0 (the default) is greedy")
+    p.add_argument("--num-captions", type=int, default=1, help="captions per image (one output row each)")
+    p.add_argument("--max-length", type=int, metavar="N", help="captioning: at most N text ids (default text_len)")
     p.add_argument("--no-kv-cache", action="store_true", help="re-run the whole sequence each step (gpt)")
     p.add_argument("--jacobi-window", type=int, metavar="W",
                    help="gpt: speculative Jacobi decoding, W draft tokens per pass (same distribution, fewer passes)")
@@ -82,22 +90,52 @@ def check_args(parser: argparse.ArgumentParser, args) -> tuple[list[tuple[str, s
         check_run_dir(args.model)
     except FileNotFoundError as e:
         parser.error(f"--model: {e}")
+    captioning = args.caption is not None or args.caption_input is not None
     try:
-        kind = json.loads(config.read_text(encoding="utf-8")).get("kind")
+        model_config = json.loads(config.read_text(encoding="utf-8"))
+        kind = model_config.get("kind")
     except json.JSONDecodeError as e:
         parser.error(f"--model: {config}: invalid JSON at line {e.lineno}: {e.msg}")
     try:
         for name in ("num_images", "batch_size", "strength", "seed"):
             check_option(name, getattr(args, name))
-        SampleOptions().replace(**sample_options(args))
+        # captioning takes temperature 0 (greedy), checked below
+        SampleOptions().replace(**{k: v for k, v in sample_options(args).items()
+                                   if not (captioning and k == "temperature")})
     except OptionError as e:
         parser.error(f"{flag(e.name)}: {e}")
+    if args.num_captions < 1:
+        parser.error(f"--num-captions must be >= 1, got {args.num_captions}")
     check_device(parser, args.device)
     if (args.jacobi_window or 1) > 1 and args.no_kv_cache:
         parser.error("--jacobi-window needs the KV cache; drop --no-kv-cache")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     args.lora = [parse_lora(parser, spec) for spec in args.lora]
+    directions = model_config.get("directions", ["t2i"]) if kind == "gpt" else ["t2i"]
+    if captioning:
+        source = "--caption" if args.caption is not None else "--caption-input"
+        if "i2t" not in directions:
+            what = "a masked (mim) model" if kind == "mim" else f"a GPT trained for text-to-image only " \
+                                                               f"(model.directions: {directions})"
+            parser.error(f"{source}: {args.model} is {what} and cannot caption images; train a GPT with "
+                         f"model.directions [i2t] or [t2i, i2t] (configs/demo/captioner.yaml, gpt_both.yaml)")
+        for wrong, value in (("--init-image", args.init_image), ("--mask", args.mask), ("--out-dir", args.out_dir),
+                             ("--grid", args.grid), ("--negative-prompt", args.negative_prompt)):
+            if value:
+                parser.error(f"{wrong} does not apply to {source} (captioning writes idx \\t text)")
+        if args.temperature is not None and args.temperature < 0:
+            parser.error(f"--temperature must be >= 0 for captioning (0 = greedy), got {args.temperature}")
+        if args.max_length is not None and args.max_length < 1:
+            parser.error(f"--max-length must be >= 1, got {args.max_length}")
+        for path in args.caption or [args.caption_input]:
+            if not os.path.isfile(path):
+                parser.error(f"{source}: file {path} does not exist")
+        return [], kind
+    if "t2i" not in directions:
+        parser.error(f"{'--prompt' if args.prompt is not None else '--input'}: {args.model} is a captioner "
+                     f"(model.directions: {directions}) and cannot generate images; use --caption IMG or "
+                     f"--caption-input IMAGES.tsv")
     editing = [name for name, value in (("--mask", args.mask), ("--edit-mode", args.edit_mode)) if value]
     if editing and not args.init_image:
         parser.error(f"{editing[0]} needs --init-image")
@@ -169,7 +207,9 @@ def check_images(parser: argparse.ArgumentParser, args) -> None:
 
 
 def output_paths(args) -> tuple[str | None, str | None]:
-    """(folder of the PNGs or None, the grid's path or None)."""
+    """(folder of the PNGs or None, the grid's path or None); captioning writes no images."""
+    if args.caption is not None or args.caption_input is not None:
+        return None, None
     out_dir = args.out_dir or (None if args.output else "outputs")
     grid = None
     if args.grid:
@@ -211,13 +251,8 @@ def parse_lora(parser: argparse.ArgumentParser, spec: str) -> tuple[str, float]:
     return path, scale
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    prompts, _ = check_args(parser, args)
-    check_outputs(parser, args)
-    out_dir, grid_path = output_paths(args)
-
+def load_pipeline(parser: argparse.ArgumentParser, args) -> Pipeline:
+    """The run's Pipeline with --threads, --dtype, --device, the --lora adapters and --compile applied."""
     if args.threads is not None:
         import torch
 
@@ -233,6 +268,19 @@ def main(argv=None) -> int:
         pipe.fuse_lora().quantize(args.dtype)
     if args.compile:
         pipe.compile()
+    return pipe
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prompts, _ = check_args(parser, args)
+    check_outputs(parser, args)
+    if args.caption is not None or args.caption_input is not None:
+        return caption_main(parser, args)
+    out_dir, grid_path = output_paths(args)
+
+    pipe = load_pipeline(parser, args)
     options = dict(negative_prompt=args.negative_prompt, batch_size=args.batch_size, progress=True,
                    **sample_options(args))
     n = args.num_images
@@ -260,6 +308,34 @@ def main(argv=None) -> int:
         write_output_tsv(args.output, [(idx, text, row) for (idx, text), row in zip(prompts, per_prompt)])
     where = " and ".join(x for x in (out_dir, args.output) if x)
     print(f"wrote {len(images)} image(s) for {len(prompts)} prompt(s) to {where}", file=sys.stderr)
+    return 0
+
+
+def caption_main(parser: argparse.ArgumentParser, args) -> int:
+    """--caption / --caption-input: `idx \\t caption` rows (one per caption) to --output or stdout."""
+    from tokenpaint.data import BadRowError, read_images, write_text_tsv
+
+    if args.caption is not None:
+        images = [(str(i), path) for i, path in enumerate(args.caption)]
+    else:
+        try:
+            images = read_images(args.caption_input)
+        except BadRowError as e:
+            parser.error(f"--caption-input: {e}")
+        if not images:
+            parser.error(f"--caption-input: {args.caption_input} holds no images")
+    pipe = load_pipeline(parser, args)
+    n = args.num_captions
+    captions = pipe.caption([image for _, image in images], num_captions=n, seed=args.seed,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            max_length=args.max_length, batch_size=args.batch_size,
+                            use_kv_cache=not args.no_kv_cache, progress=True)
+    rows = [(idx, captions[j * n + k]) for j, (idx, _) in enumerate(images) for k in range(n)]
+    if args.output:
+        write_text_tsv(args.output, rows)
+        print(f"wrote {len(rows)} caption(s) of {len(images)} image(s) to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.writelines(f"{idx}\t{text}\n" for idx, text in rows)
     return 0
 
 

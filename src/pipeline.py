@@ -1,4 +1,5 @@
-"""Text -> images from a transformer run directory: `Pipeline.from_pretrained(run_dir)(prompts)`, plus editing.
+"""Text -> images from a transformer run directory: `Pipeline.from_pretrained(run_dir)(prompts)`, plus editing, and
+images -> text (`Pipeline.caption`) with a GPT trained in the caption direction.
 
 A run directory (written by `train.py transformer`) holds config.json (with "kind": "gpt" | "mim") and
 model.safetensors, tokenizer.model, vqgan/ and train_config.yaml (whose `sample:` section gives the defaults).
@@ -24,6 +25,8 @@ from tqdm.auto import tqdm
 from .data.images import pil_to_tensor, tensor_to_pil
 from .sampling import (OptionError, SampleOptions, check_option, check_seeds, continue_image, img2img, inpaint,
                        outpaint, pixel_mask_to_token_mask, sample)
+from .data.images import resize_center_crop
+from .sampling import sample_caption
 from .sampling.editing import pixel_mask_to_bool
 from .transformer.lora import DEFAULT_SCALE as LORA_SCALE
 from .transformer.lora import LoRAAdapter, LoRASet, base_hash
@@ -130,6 +133,7 @@ class Pipeline:
         self.model, self.tokenizer, self.vqgan = model, tokenizer, vqgan
         self.kind = model.config.kind
         self.options = SampleOptions() if options is None else options
+        self.directions = tuple(getattr(model.config, "directions", ("t2i",)))  # a GPT may caption ("i2t")
         self.device = next(model.parameters()).device
         self._lora = None  # a LoRASet once an adapter is loaded (load_lora)
         self._base_sha256 = None  # the base weights' hash as saved (set by from_pretrained before a dtype cast)
@@ -258,6 +262,7 @@ class Pipeline:
         options / sample_options: sampler settings (SampleOptions fields: steps, guidance_scale, top_k, top_p,
         temperature, use_kv_cache, ...); a keyword given as None keeps the pipeline's default.
         """
+        self.check_direction("t2i")
         prompts = _as_prompt_list(prompts)
         self._check_request(num_images=num_images)
         check_seeds(seed, len(prompts) * num_images)
@@ -302,6 +307,61 @@ class Pipeline:
         """Prompts -> text ids [B, text_len] on the device (a too long prompt is truncated with a warning)."""
         return self.tokenizer.encode(list(prompts), length=self.model.config.text_len).to(self.device)
 
+    # ------------------------------------------------------------------ images -> text
+    def check_direction(self, direction: str) -> None:
+        """ValueError unless the generator was trained for `direction`: "t2i" (images from text) or "i2t" (captions)."""
+        if direction == "i2t" and self.kind != "gpt":
+            raise ValueError("a masked (mim) model cannot caption images: train a GPT with model.directions [i2t] "
+                             "(configs/demo/captioner.yaml) or [t2i, i2t] (configs/demo/gpt_both.yaml)")
+        if self.kind == "gpt":
+            self.model.check_direction(direction)
+
+    def caption(self, images, num_captions: int = 1, seed: int = 0, temperature=None, top_k=None, top_p=None,
+                max_length=None, batch_size: int = 8, use_kv_cache: bool = True, progress: bool = False) -> list[str]:
+        """Caption images (PIL images or paths): num_captions per image, image-major; caption i uses seed + i.
+
+        KV-cached decoding over the text vocabulary until the padding id; temperature 0 (the default) is greedy,
+        otherwise top_k / top_p filter the draws. max_length: at most this many text ids (default text_len).
+        """
+        return self.tokenizer.decode(self.caption_ids(
+            images, num_captions=num_captions, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,
+            max_length=max_length, batch_size=batch_size, use_kv_cache=use_kv_cache, progress=progress))
+
+    def caption_ids(self, images, num_captions: int = 1, seed: int = 0, temperature=None, top_k=None, top_p=None,
+                    max_length=None, batch_size: int = 8, use_kv_cache: bool = True,
+                    progress: bool = False) -> torch.Tensor:
+        """Like `caption` but returns the text ids long [len(images) * num_captions, max_length] (0 = padding)."""
+        self.check_direction("i2t")
+        try:
+            check_option("num_images", num_captions)
+            check_option("batch_size", batch_size)
+            check_seeds(seed, num_captions * (1 if isinstance(images, (str, os.PathLike, Image.Image)) else
+                                              max(1, len(images))))
+            for name, value in (("top_k", top_k), ("top_p", top_p)):
+                if value is not None:
+                    check_option(name, value)
+        except OptionError as e:
+            raise ValueError(str(e).replace("num_images", "num_captions")) from None
+        if temperature is not None and not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+        images = [images] if isinstance(images, (str, os.PathLike, Image.Image)) else list(images)
+        if not images:
+            raise ValueError("images must hold at least one image")
+        ids = torch.cat([self._encode_image(resize_center_crop(_open_image(image, "image").convert("RGB"),
+                                                                self.resolution)).flatten(1)
+                         for image in images]).repeat_interleave(num_captions, dim=0)  # [M, N], image-major
+        given = dict(temperature=temperature, top_k=top_k, top_p=top_p, max_length=max_length)
+        options = dict(use_kv_cache=use_kv_cache, **{k: v for k, v in given.items() if v is not None})
+        out = []
+        bar = tqdm(total=ids.shape[0], desc="captions", disable=not progress)
+        for start in range(0, ids.shape[0], batch_size):
+            rows = slice(start, min(start + batch_size, ids.shape[0]))
+            gens = [torch.Generator(device=self.device).manual_seed(seed + i) for i in range(rows.start, rows.stop)]
+            out.append(sample_caption(self.model, ids[rows], generator=gens, **options))
+            bar.update(rows.stop - rows.start)
+        bar.close()
+        return torch.cat(out)
+
     # ------------------------------------------------------------------ editing
     def edit(self, prompt: str, image, mask=None, mode: Optional[str] = None, **kwargs) -> list[Image.Image]:
         """Edit `image` under `prompt` and return PIL images; the arguments are those of `edit_ids`."""
@@ -320,6 +380,7 @@ class Pipeline:
         tokens. continue: keep the top `keep_rows` token rows (default: the rows above the mask, else half).
         Sampler settings as in generate_ids. Returns image ids long [num_images, h, w].
         """
+        self.check_direction("t2i")
         self._check_request(num_images=num_images, batch_size=batch_size, strength=strength)
         check_seeds(seed, num_images)
         mode = default_edit_mode(self.kind, mask is not None) if mode is None else mode

@@ -25,6 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .images import (ImageLimits, decode_image, pil_to_tensor, read_regular_file, resize_center_crop,  # noqa: F401
                      tensor_to_pil)
+from ..utils import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +125,33 @@ def iter_rows(path, bad_rows: str = "error") -> Iterator[Row]:
 def read_prompts(path) -> list[tuple[str, str]]:
     """Read a prompt TSV (`idx \\t text`; a training TSV's image column is ignored) -> [(idx, text)]."""
     return [tuple(parse_row(path, n, raw, num_columns=(2, 3))[:2]) for n, raw in iter_lines(path)]
+
+
+def read_images(path) -> list[tuple[str, Image.Image]]:
+    """Read an image TSV (`idx \t image`, the image as base64 or a path relative to the TSV's folder; a training
+    TSV's `idx \t text \t image` is accepted too) -> [(idx, RGB PIL image)]. A bad row names the file and line."""
+    out = []
+    for line_no, raw in iter_lines(path):
+        try:
+            fields = raw.decode("utf-8").split("\t")
+        except UnicodeDecodeError as e:
+            raise BadRowError(path, line_no, "encoding", f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        if len(fields) not in (2, 3):
+            what = "blank line" if not raw.strip() else f"{len(fields)} tab-separated column(s)"
+            raise BadRowError(path, line_no, "columns", f"{what}, expected 2 (idx, image) or 3 (idx, text, image)")
+        out.append((fields[0], load_image_field(fields[-1], path, line_no)))
+    return out
+
+
+def write_text_tsv(path, rows: Iterable[tuple[str, str]]) -> None:
+    """Write `idx \t text` rows atomically (e.g. captions); a tab or newline inside a field is an error."""
+    lines = []
+    for n, (idx, text) in enumerate(rows, start=1):
+        for name, value in (("idx", str(idx)), ("text", text)):
+            if "\t" in value or "\n" in value or "\r" in value:
+                raise ValueError(f"write_text_tsv({path}): row {n}: {name} {value!r} contains a tab or newline")
+        lines.append(f"{idx}\t{text}\n")
+    atomic_write_bytes(path, "".join(lines).encode("utf-8"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Samplers: autoregressive (GPT, KV cache) and iterative masked (MaskGIT) decoding, guidance and editing helpers.
+"""Samplers: autoregressive (GPT, KV cache) and iterative masked (MaskGIT) decoding, guidance and editing helpers,
+and caption decoding (image -> text) with a GPT trained in the caption direction.
 
 Free functions over a model; every random choice comes from the `torch.Generator` (or one generator per batch row)
 the caller passes, so results are reproducible. `sample(model, text_ids, SampleOptions(...))` picks the sampler of
@@ -7,6 +8,7 @@ the model's kind; guidance is all in guidance.py.
 
 from .autoregressive import num_image_tokens, sample_autoregressive
 from .dispatch import SAMPLERS, sample, sampler_for
+from .captioning import sample_caption
 from .editing import continue_image, img2img, inpaint, outpaint, pixel_mask_to_token_mask, random_token_mask
 from .filters import filter_logits, gumbel_noise, mask_by_random_topk, sample_from_logits
 from .guidance import apply_guidance, guidance_at
@@ -24,6 +26,7 @@ __all__ = [
     "check_seeds",
     "sample_autoregressive",
     "sample_masked",
+    "sample_caption",
     "filter_logits",
     "apply_guidance",
     "guidance_at",

@@ -1,5 +1,8 @@
 """Batches for the transformer stage: global batches of token-cache rows, the training corruptions, the loss.
 
+A GPT trained in both directions (model.directions [t2i, i2t]) trains row r of a global batch in direction
+directions[r % 2] (`split_directions`; the rows are shuffled), so each step costs what a one-direction step costs.
+
 Every rank walks the SAME sequence of global batches (a per-epoch permutation seeded by (seed, epoch)) and draws the
 SAME corruptions (condition dropout, masks) from one shared generator, then keeps its own rows. So training on R
 ranks x B rows is the same computation as one process with R*B rows, and a resume only needs (epoch, batch index)
@@ -12,7 +15,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..transformer import drop_condition, masked_training_batch
+from ..transformer import caption_targets, drop_condition, masked_training_batch
 
 
 class GlobalBatches:
@@ -70,14 +73,27 @@ class GlobalBatches:
 
 
 class TrainingBatch(NamedTuple):
-    text_ids: torch.Tensor  # long [B,T], some rows dropped to the empty prompt
+    text_ids: torch.Tensor  # long [B,T], some rows dropped to the empty prompt (not for captioning)
     image_ids: torch.Tensor  # long [B,N] model input (mim: with [MASK])
-    targets: torch.Tensor  # long [B,N], -100 where the loss does not count
+    targets: torch.Tensor  # long [B,N] ([B,T] text targets for captioning), -100 where the loss does not count
+
+
+def split_directions(text_ids: torch.Tensor, image_ids: torch.Tensor,
+                     directions=("t2i",)) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{direction: (text_ids, image_ids)}: row r of the global batch goes to directions[r % len(directions)]."""
+    n = len(directions)
+    if n == 1:
+        return {directions[0]: (text_ids, image_ids)}
+    return {d: (text_ids[i::n], image_ids[i::n]) for i, d in enumerate(directions)}
 
 
 def corrupt(kind: str, text_ids: torch.Tensor, image_ids: torch.Tensor, generator: torch.Generator,
-            cond_dropout: float, mask_schedule: str = "cosine", mask_token_id: int | None = None) -> TrainingBatch:
-    """Condition dropout for both kinds; for "mim" also the [MASK] corruption, with targets only where masked."""
+            cond_dropout: float, mask_schedule: str = "cosine", mask_token_id: int | None = None,
+            direction: str = "t2i") -> TrainingBatch:
+    """Condition dropout for both kinds; for "mim" also the [MASK] corruption, with targets only where masked. The
+    caption direction ("i2t", GPT) is not corrupted: its targets are the caption and its end (`caption_targets`)."""
+    if direction == "i2t":
+        return TrainingBatch(text_ids, image_ids, caption_targets(text_ids))
     text_ids = drop_condition(text_ids, cond_dropout, generator)
     if kind == "gpt":
         return TrainingBatch(text_ids, image_ids, image_ids)  # logits[:, i] predicts image_ids[:, i]

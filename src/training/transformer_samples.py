@@ -1,4 +1,4 @@
-"""Evaluation during transformer training: validation loss over the val token cache, and sample grids.
+"""Evaluation during transformer training: validation loss over the val token cache, sample grids and captions.
 
 Both use their own seeded generators, never the global RNG, so they do not change the training run they watch.
 """
@@ -12,37 +12,59 @@ from einops import rearrange
 
 from ..data.images import tensor_to_pil
 from ..sampling import SampleOptions, sample
+from ..sampling import sample_caption
+from ..utils import atomic_write_bytes
 from .common import is_distributed
 from .transformer_data import corrupt, summed_cross_entropy
 
 
 @torch.no_grad()
 def validation_loss(model, cache, batch_size: int, max_batches: int, label_smoothing: float, mask_schedule: str,
-                    seed: int, device, autocast) -> float:
+                    seed: int, device, autocast) -> dict[str, float]:
     """Mean CE over the first `max_batches` x `batch_size` x ranks rows of the val cache (rank-strided shards), with
-    no condition dropout and, for "mim", masks from a fixed generator: the same rows and masks at every evaluation."""
+    no condition dropout and, for "mim", masks from a fixed generator: the same rows and masks at every evaluation.
+
+    Returns {direction: loss} for each direction the model learns (every row in each of them); "t2i" for "mim"."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
     kind = model.config.kind
+    directions = list(getattr(model.config, "directions", ["t2i"]))
     mask_id = model.mask_token_id if kind == "mim" else None
     rows = torch.arange(min(len(cache), max_batches * batch_size * world))[rank::world]
     generator = torch.Generator().manual_seed(seed + 7919 * (rank + 1))
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # CE sum, counted positions
+    totals = torch.zeros(len(directions), 2, dtype=torch.float64, device=device)  # CE sum, counted positions
     was_training = model.training
     model.eval()
     for chunk in rows.split(batch_size):
         idx = chunk.numpy()
         text = torch.from_numpy(cache.text_ids[idx].astype("int64"))
         image = torch.from_numpy(cache.image_ids[idx].astype("int64"))
-        batch = corrupt(kind, text, image, generator, 0.0, mask_schedule, mask_id)
-        with autocast():
-            logits, _ = model(batch.text_ids.to(device), batch.image_ids.to(device))
-        targets = batch.targets.to(device)
-        totals += torch.stack([summed_cross_entropy(logits, targets, label_smoothing).double(),
-                               (targets != -100).sum().double()])
+        for i, direction in enumerate(directions):
+            batch = corrupt(kind, text, image, generator, 0.0, mask_schedule, mask_id, direction=direction)
+            with autocast():
+                logits, _ = model(batch.text_ids.to(device), batch.image_ids.to(device),
+                                  **({} if kind == "mim" else {"direction": direction}))
+            targets = batch.targets.to(device)
+            totals[i] += torch.stack([summed_cross_entropy(logits, targets, label_smoothing).double(),
+                                      (targets != -100).sum().double()])
     model.train(was_training)
     if is_distributed():
         dist.all_reduce(totals)
-    return float(totals[0] / totals[1].clamp_min(1))
+    return {d: float(totals[i, 0] / totals[i, 1].clamp_min(1)) for i, d in enumerate(directions)}
+
+
+@torch.no_grad()
+def caption_samples(model, tokenizer, cache, num_images: int, path: str) -> str:
+    """Greedy captions of the first `num_images` images of `cache`, written as `reference caption \t caption` lines
+    (the caption direction's counterpart of `sample_grid`)."""
+    n = min(num_images, len(cache))
+    was_training = model.training
+    model.eval()
+    ids = sample_caption(model, torch.from_numpy(cache.image_ids[:n].astype("int64")).to(model.device))
+    model.train(was_training)
+    lines = [f"{row['text']}\t{text}\n" for row, text in zip(cache.captions()[:n], tokenizer.decode(ids))]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write_bytes(path, "".join(lines).encode("utf-8"))
+    return path
 
 
 @torch.no_grad()

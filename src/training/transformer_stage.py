@@ -13,7 +13,9 @@ a run stopped by --max-steps and resumed keeps its schedule only if this is set)
 cache_batch_size; `bf16` may be "auto". With --max-minutes alone the decay also follows the share of the time budget
 used (train.decay_with_budget), so a time-limited run ends at min_lr; with --max-steps too the lr follows the steps
 and the minutes only cap the run (common.settle_decay_with_budget). GPT trains with plain CE; "mim" with label smoothing
-(train.label_smoothing) on masked positions.
+(train.label_smoothing) on masked positions. A GPT with model.directions [i2t] trains as a captioner (loss on the
+caption and its end); with [t2i, i2t] half of each batch's rows train each direction, the loss is the mean of the two
+directions' means (both logged as loss_t2i / loss_i2t), and samples/ holds captions_XXXXXXXX.tsv beside the grids.
 """
 from __future__ import annotations
 
@@ -38,8 +40,8 @@ from .common import (CheckpointManager, GracefulStop, MetricsLogger, TimeBudget,
                      set_seed, settle_decay_with_budget, setup_distributed, start_or_resume, sync_progress)
 from .model_card import write_model_card
 from .transformer_lora import apply_lora_options, attach_adapter, base_path, lora_enabled
-from .transformer_data import GlobalBatches, corrupt, rank_rows, summed_cross_entropy
-from .transformer_samples import sample_grid, validation_loss
+from .transformer_data import GlobalBatches, corrupt, rank_rows, split_directions, summed_cross_entropy
+from .transformer_samples import caption_samples, sample_grid, validation_loss
 
 
 def resolve_config(opts: TrainOptions) -> dict:
@@ -156,7 +158,8 @@ def _token_caches(opts, vqgan, tokenizer, resolution, text_len, batch_size, imag
     return caches
 
 
-def _write_card(opts, kind, step, max_steps, stop_reason, images_seen, caches, lora_base=None) -> None:
+def _write_card(opts, kind, step, max_steps, stop_reason, images_seen, caches, lora_base=None,
+                directions=("t2i",)) -> None:
     what = {"gpt": "a causal GPT over [text ids ; image ids], sampled one id at a time (KV cache, top-k / top-p)",
             "mim": "a bidirectional masked transformer (MaskGIT style), sampled by iterative masked decoding"}[kind]
     if lora_base is not None:  # an adapter run: the card says how to apply it to its base
@@ -169,6 +172,19 @@ def _write_card(opts, kind, step, max_steps, stop_reason, images_seen, caches, l
                  'pipe = Pipeline.from_pretrained("path/to/base")\n'
                  'pipe.load_lora("path/to/this/folder", scale=0.8)\n'
                  'images = pipe(["a red circle on the left"], num_images=1, seed=0)  # a list of PIL images')
+    elif "i2t" in directions:  # a captioner, or one GPT for both directions
+        both = "t2i" in directions
+        title = f"tokenpaint {'text-to-image and image-to-text GPT' if both else 'captioner'} ({kind})"
+        description = ("A tokenpaint GPT over [image ids ; text ids] that writes captions (image -> text)"
+                       + (", and over [text ids ; image ids] that draws images (text -> image), every weight shared"
+                          if both else "") + ": the image ids come from the VQGAN in `vqgan/`, the text ids from "
+                       "`tokenizer.model`. Command line: `python generate.py --model path/to/this/folder --caption "
+                       "image.png`" + (" or `--prompt \"a red circle\"`." if both else "."))
+        usage = ('from PIL import Image\nfrom tokenpaint import Pipeline\n\n'
+                 'pipe = Pipeline.from_pretrained("path/to/this/folder")\n'
+                 'captions = pipe.caption([Image.new("RGB", (32, 32), "red")], seed=0)  # a list of strings'
+                 + ('\nimages = pipe(["a red circle on the left"], num_images=1, seed=0)  # a list of PIL images'
+                    if both else ''))
     else:
         title = f"tokenpaint text-to-image generator ({kind})"
         description = (f"A tokenpaint text-to-image model: {what}, conditioned on SentencePiece "
@@ -182,7 +198,7 @@ def _write_card(opts, kind, step, max_steps, stop_reason, images_seen, caches, l
         opts.out, title=title, description=description, usage=usage,
         steps=step, max_steps=max_steps, stop_reason=stop_reason, images_seen=images_seen, data=opts.data,
         data_rows=len(caches["train"]), val=opts.val, val_rows=len(caches["val"]) if "val" in caches else None,
-        tags=(kind, "lora") if lora_base is not None else (kind,))
+        tags=(kind, "lora") if lora_base is not None else (kind, *(("captioning",) if "i2t" in directions else ())))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -219,6 +235,7 @@ def _train(opts: TrainOptions, info) -> dict:
     bf16 = resolve_bf16(tcfg["bf16"], device, where=f"{latest if opts.resume else opts.config}: train.bf16")
     ckpts.keep_last = tcfg["keep_checkpoints"]
     seed, kind = tcfg["seed"], model_config.kind
+    directions = list(getattr(model_config, "directions", ["t2i"]))  # a GPT may caption (i2t) or learn both
     vqgan = vqgan.to(device).prepare_for_inference()
 
     caches = _token_caches(opts, vqgan, tokenizer, cfg["data"]["resolution"], model_config.text_len,
@@ -250,8 +267,9 @@ def _train(opts: TrainOptions, info) -> dict:
         step = resume_state["step"]
     ddp_model = trained
     if is_distributed():
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            trained, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp_model = torch.nn.parallel.DistributedDataParallel(  # each direction's pass leaves the other head unused
+            trained, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=len(directions) > 1)
 
     forward = maybe_compile(ddp_model, tcfg["compile"] if opts.compile is None else opts.compile)
     label_smoothing = getattr(model_config, "label_smoothing", 0.0) if kind == "mim" else 0.0
@@ -277,9 +295,11 @@ def _train(opts: TrainOptions, info) -> dict:
         return ckpts.save(state, step) if is_main() else ckpts.path_for(step)
 
     def validate() -> float:
-        loss = validation_loss(model, caches["val"], tcfg["batch_size"], tcfg["val_batches"], label_smoothing,
-                               tcfg["mask_schedule"], seed, device, autocast)
-        metrics.log(step, val_loss=loss)
+        losses = validation_loss(model, caches["val"], tcfg["batch_size"], tcfg["val_batches"], label_smoothing,
+                                 tcfg["mask_schedule"], seed, device, autocast)  # {direction: loss}
+        loss = sum(losses.values()) / len(losses)
+        metrics.log(step, val_loss=loss, **({f"val_loss_{d}": v for d, v in losses.items()} if len(losses) > 1
+                                            else {}))
         return loss
 
     with GracefulStop() as stop:
@@ -288,25 +308,32 @@ def _train(opts: TrainOptions, info) -> dict:
                            time_fraction if tcfg["decay_with_budget"] else 0.0)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            micro = [corrupt(kind, *next(batches), corruption, model_config.cond_dropout, tcfg["mask_schedule"],
-                             mask_id) for _ in range(accum)]  # global micro-batches, identical on every rank
-            counted = sum(int((m.targets != -100).sum()) for m in micro)  # loss positions in the global step
+            micro = []  # global micro-batches, identical on every rank: {direction: TrainingBatch}
+            for _ in range(accum):
+                parts = split_directions(*next(batches), directions)
+                micro.append({d: corrupt(kind, text, image, corruption, model_config.cond_dropout,
+                                         tcfg["mask_schedule"], mask_id, direction=d)
+                              for d, (text, image) in parts.items()})
+            counted = {d: sum(int((m[d].targets != -100).sum()) for m in micro) for d in directions}  # loss positions
+            passes = [(d, m[d]) for m in micro for d in directions]
             optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for i, batch in enumerate(micro):
+            step_loss, step_losses = 0.0, dict.fromkeys(directions, 0.0)
+            for i, (direction, batch) in enumerate(passes):
                 text, image, targets = (t.to(device) for t in rank_rows(batch, rank, world))
-                sync = ddp_model.no_sync if (i < accum - 1 and is_distributed()) else contextlib.nullcontext
+                sync = ddp_model.no_sync if (i < len(passes) - 1 and is_distributed()) else contextlib.nullcontext
                 with sync():
                     with autocast():
-                        logits, _ = forward(text, image)  # [B,N,codebook_size]
+                        logits, _ = forward(text, image, **({} if kind == "mim" else {"direction": direction}))
                     ce_sum = summed_cross_entropy(logits, targets, label_smoothing)
                     global_sum = ce_sum.detach().clone()
                     if is_distributed():  # every rank sees the same value, so all stop together on NaN
                         dist.all_reduce(global_sum)
                     check_finite(global_sum, step + 1, last_ckpt)
-                    # DDP averages gradients over ranks: x world turns that back into the sum over the global batch
-                    (ce_sum * (world / counted)).backward()
-                step_loss += float(global_sum) / counted
+                    # DDP averages gradients over ranks: x world turns that back into the sum over the global batch;
+                    # each direction's mean weighs the same
+                    (ce_sum * (world / (counted[direction] * len(directions)))).backward()
+                step_losses[direction] += float(global_sum) / counted[direction]
+                step_loss += float(global_sum) / (counted[direction] * len(directions))
             grad_norm = None
             if tcfg["grad_clip"]:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(
@@ -316,6 +343,8 @@ def _train(opts: TrainOptions, info) -> dict:
             bar.update(1)
             losses.append(step_loss)
             window["loss"] += step_loss
+            for d in step_losses if len(directions) > 1 else ():
+                window[f"loss_{d}"] = window.get(f"loss_{d}", 0.0) + step_losses[d]
             window["steps"] += 1
             window["tokens"] += global_batch * accum * model_config.num_image_tokens
 
@@ -326,6 +355,7 @@ def _train(opts: TrainOptions, info) -> dict:
                 now = time.monotonic()
                 record = dict(loss=window["loss"] / window["steps"], lr=lr,
                               tokens_per_sec=window["tokens"] / max(1e-9, now - window["t0"]))
+                record.update({k: v / window["steps"] for k, v in window.items() if k.startswith("loss_")})
                 if grad_norm is not None:
                     record["grad_norm"] = grad_norm
                 metrics.log(step, **record)
@@ -334,8 +364,12 @@ def _train(opts: TrainOptions, info) -> dict:
             if "val" in caches and (step % tcfg["val_every"] == 0 or last):
                 last_val = validate()
             if is_main() and (step % tcfg["sample_every"] == 0 or last):
-                sample_grid(model, vqgan, sample_rows, tcfg["sample_images"], scfg, seed,
-                            os.path.join(opts.out, "samples", f"sample_{step:08d}.png"))
+                if "t2i" in directions:
+                    sample_grid(model, vqgan, sample_rows, tcfg["sample_images"], scfg, seed,
+                                os.path.join(opts.out, "samples", f"sample_{step:08d}.png"))
+                if "i2t" in directions:
+                    caption_samples(model, tokenizer, sample_rows, tcfg["sample_images"],
+                                    os.path.join(opts.out, "samples", f"captions_{step:08d}.tsv"))
             if step % tcfg["ckpt_every"] == 0 and not last:
                 last_ckpt = save_checkpoint()
             if stopping:
@@ -348,7 +382,7 @@ def _train(opts: TrainOptions, info) -> dict:
     metrics.close()
     if is_main():
         _write_card(opts, kind, step, max_steps, stop_reason, step * global_batch * accum, caches,
-                    lora_base if lora else None)
+                    lora_base if lora else None, directions)
 
     bad = caches["train"].meta.get("bad_rows_skipped", 0)
     report_finish(opts, step, max_steps, stop_reason, last_ckpt, bad)

@@ -1,6 +1,7 @@
-"""Generators over [text ids ; image ids]: a causal GPT (with a KV cache) and a bidirectional masked transformer."""
+"""Generators over [text ids ; image ids]: a causal GPT (with a KV cache; it may also caption, over [image ids ; text
+ids]) and a bidirectional masked transformer."""
 from .config import GeneratorConfig
-from .gpt import GPT, GPTConfig, KVCache
+from .gpt import DIRECTIONS, GPT, GPTConfig, KVCache, caption_targets
 from .kinds import CONFIG_CLASSES, GENERATORS, generator_class, load_generator
 from .masked import MaskedTransformer, MaskedTransformerConfig
 from .presets import (
@@ -19,6 +20,8 @@ __all__ = [
     "GPT",
     "GPTConfig",
     "KVCache",
+    "DIRECTIONS",
+    "caption_targets",
     "MaskedTransformer",
     "MaskedTransformerConfig",
     "load_generator",

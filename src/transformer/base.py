@@ -36,24 +36,26 @@ class TokenTransformer(nn.Module):
         T, V = self.config.text_len, self.config.text_vocab_size
         if text_ids.dim() != 2 or text_ids.shape[1] != T:
             raise ValueError(f"text_ids must be [B, text_len={T}], got shape {tuple(text_ids.shape)}")
-        _check_ids("text_ids", text_ids, V)
+        check_ids("text_ids", text_ids, V)
 
     def _check_image(self, name: str, image_ids: torch.Tensor, batch: int, max_len: int, vocab: int) -> None:
         if image_ids.dim() != 2 or image_ids.shape[0] != batch or image_ids.shape[1] > max_len:
             raise ValueError(
                 f"{name} must be [B={batch}, n<={max_len}] (row-major image ids), got shape {tuple(image_ids.shape)}"
             )
-        _check_ids(name, image_ids, vocab)
+        check_ids(name, image_ids, vocab)
 
-    def _check_targets(self, targets: torch.Tensor, shape: torch.Size) -> None:
+    def _check_targets(self, targets: torch.Tensor, shape: torch.Size, vocab: Optional[int] = None) -> None:
+        """targets: long, `shape`, values in [0, vocab) (default codebook_size) or -100."""
+        vocab = self.config.codebook_size if vocab is None else vocab
         if targets.shape != shape:
             raise ValueError(f"targets must have shape {tuple(shape)}, got {tuple(targets.shape)}")
         if targets.dtype != torch.long:
             raise ValueError(f"targets must be long (int64), got {targets.dtype}")
         valid = targets[targets != -100]
-        if valid.numel() and (valid.min() < 0 or valid.max() >= self.config.codebook_size):
+        if valid.numel() and (valid.min() < 0 or valid.max() >= vocab):
             raise ValueError(
-                f"targets must be in [0, codebook_size={self.config.codebook_size}) or -100 (ignored), "
+                f"targets must be in [0, {vocab}) or -100 (ignored), "
                 f"got values in [{int(valid.min())}, {int(valid.max())}]"
             )
 
@@ -137,7 +139,7 @@ class TokenTransformer(nn.Module):
         return build_from_weights(cls, config, directory / WEIGHTS_NAME).to(map_location)
 
 
-def _check_ids(name: str, ids: torch.Tensor, vocab: int) -> None:
+def check_ids(name: str, ids: torch.Tensor, vocab: int) -> None:
     if ids.dtype not in (torch.long, torch.int32):
         raise ValueError(f"{name} must be an integer tensor (long), got {ids.dtype}")
     if ids.numel() and (ids.min() < 0 or ids.max() >= vocab):

@@ -114,9 +114,9 @@ class TextImageEmbedding(nn.Module):
         self.image_row = nn.Embedding(image_size, n_embd)
         self.image_col = nn.Embedding(image_size, n_embd)
 
-    def text(self, text_ids: torch.Tensor) -> torch.Tensor:
-        """[B,T] -> [B,T,C]"""
-        return self.text_tok(text_ids) + self.text_pos.weight[: text_ids.shape[1]]
+    def text(self, text_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """[B,n] ids at text positions start..start+n-1 -> [B,n,C]"""
+        return self.text_tok(text_ids) + self.text_pos.weight[start : start + text_ids.shape[1]]
 
     def image_positions(self, start: int, n: int) -> torch.Tensor:
         """[n,C] embeddings of image positions start..start+n-1 (row-major)."""

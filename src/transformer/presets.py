@@ -1,13 +1,14 @@
 """Size presets and the transformer YAML config (`configs/gpt_base.yaml` etc.).
 
 YAML schema (CONFIG_SCHEMA): sections `model` (GPTConfig / MaskedTransformerConfig fields plus `kind: gpt|mim` and
-optionally `preset: NAME` from PRESETS), `tokenizer` (`vocab_size`), `train`, `sample`, `data` and `lora` (defaults
-below).
+optionally `preset: NAME` from PRESETS; a GPT's `directions`: [t2i], [i2t] (a captioner) or [t2i, i2t]),
+`tokenizer` (`vocab_size`), `train`, `sample`, `data` and `lora` (defaults below).
 `codebook_size` and `image_size` come from the VQGAN and `text_vocab_size` from the tokenizer: the training loop
 passes them to `model_config_from_yaml`.
 """
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import fields
 from typing import Any, Optional, Union
@@ -15,6 +16,7 @@ from typing import Any, Optional, Union
 from ..utils import TRAIN_SEED, Check, Section, integer, load_config, number, number_list, one_of
 from ..utils import field_check as _field_check
 from .config import GeneratorConfig
+from .gpt import DIRECTIONS
 from .kinds import CONFIG_CLASSES
 from .schedule import MASK_SCHEDULES
 
@@ -25,6 +27,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mim_base": dict(kind="mim", n_layer=12, n_head=12, n_embd=768),
     "demo_gpt": dict(kind="gpt", n_layer=4, n_head=4, n_embd=96),  # 8x8 tokens, CPU demo
     "demo_mim": dict(kind="mim", n_layer=4, n_head=4, n_embd=96),
+    # image -> text (captioning), and one GPT for both directions (a learned direction embedding, all else shared)
+    "captioner_base": dict(kind="gpt", n_layer=12, n_head=12, n_embd=768, directions=["i2t"]),
+    "gpt_both_base": dict(kind="gpt", n_layer=12, n_head=12, n_embd=768, directions=["t2i", "i2t"]),
+    "demo_captioner": dict(kind="gpt", n_layer=4, n_head=4, n_embd=96, directions=["i2t"]),
+    "demo_gpt_both": dict(kind="gpt", n_layer=4, n_head=4, n_embd=96, directions=["t2i", "i2t"]),
 }
 
 TRAIN_DEFAULTS: dict[str, Any] = dict(
@@ -66,6 +73,8 @@ SAMPLE_CHECKS: dict[str, Check] = {
 MODEL_CHECKS: dict[str, Check] = {
     **{f.name: _field_check(f) for cls in CONFIG_CLASSES.values() for f in fields(cls)},
     "kind": one_of(*CONFIG_CLASSES), "preset": one_of(*PRESETS),
+    "directions": Check(lambda v: isinstance(v, list) and 0 < len(v) == len(set(map(str, v)))
+                        and all(x in DIRECTIONS for x in v), f"a list of distinct directions from {list(DIRECTIONS)}"),
 }
 # The one schema of a transformer YAML, for load_transformer_yaml and the training stage alike.
 CONFIG_SCHEMA: dict[str, Any] = {
@@ -108,7 +117,7 @@ def model_config_from_yaml(
     if preset is not None:
         if preset not in PRESETS:
             raise ValueError(f"{source}: unknown model.preset {preset!r}; expected one of {sorted(PRESETS)}")
-        model = {**PRESETS[preset], **model}
+        model = {**copy.deepcopy(PRESETS[preset]), **model}
     kind = model.pop("kind", "gpt")
     if kind not in CONFIG_CLASSES:
         raise ValueError(f"{source}: model.kind must be one of {sorted(CONFIG_CLASSES)}, got {kind!r}")
@@ -126,6 +135,6 @@ def preset_config(name: str, **overrides) -> GeneratorConfig:
     """GPTConfig / MaskedTransformerConfig for a PRESETS entry, with field overrides."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
-    values = {**PRESETS[name], **overrides}
+    values = {**copy.deepcopy(PRESETS[name]), **overrides}
     kind = values.pop("kind")
     return CONFIG_CLASSES[kind].from_dict(values)
