@@ -58,6 +58,13 @@ class ServerState:
             self._hash = h.hexdigest()
         return self._hash
 
+    def check_direction(self, direction: str, field: str) -> None:
+        """A 422 naming `field` unless the model was trained for `direction` ("t2i" images, "i2t" captions)."""
+        try:
+            self.pipe.check_direction(direction)
+        except ValueError as e:
+            raise RequestError(422, f"this server's model cannot do that: {e}", field) from None
+
     def decode_image(self, data, field: str):
         return decode_image(data, field, self.settings.max_upload_bytes, self.settings.max_upload_pixels)
 
@@ -82,6 +89,7 @@ class ServerState:
 def images_job(state: ServerState, req: ImagesRequest):
     """POST /v1/images -> a Job (an edit job when `image` is given)."""
     pipe = state.pipe
+    state.check_direction("t2i", "prompts")
     prompts = [req.prompts] if isinstance(req.prompts, str) else list(req.prompts)
     if not prompts:
         raise RequestError(422, "prompts must hold at least one prompt", "prompts")

@@ -55,3 +55,12 @@ class Img2ImgRequest(Txt2ImgRequest):
     mask: Optional[str] = None
     denoising_strength: float = 0.75
     inpainting_mask_invert: int = 0  # 1: regenerate where the mask is black
+
+
+class InterrogateRequest(BaseModel):
+    """POST /sdapi/v1/interrogate (the web UI's image -> prompt): `model` (the web UI's clip / deepdanbooru) is
+    accepted and ignored: the run's own captioning GPT answers."""
+
+    model_config = ConfigDict(extra="ignore")
+    image: str
+    model: Optional[str] = None

@@ -5,8 +5,9 @@ txt2img and img2img take and answer that API's JSON: `images` are raw base64 PNG
 `sampler_name` says (it is reported back). img2img: with a mask it inpaints (white = regenerate, or black with
 `inpainting_mask_invert`); without one, a masked model re-generates a `denoising_strength` share of the tokens and a
 GPT keeps the top (1 - denoising_strength) of the rows and continues the rest. `<lora:NAME:SCALE>` in the prompt sets
-the scale of the server's --lora adapter NAME for that request, as in the web UI. The GET endpoints answer in the
-shapes clients read at start-up.
+the scale of the server's --lora adapter NAME for that request, as in the web UI. interrogate captions an image with
+a run trained to caption (model.directions holding i2t; greedy); a model trained for one direction answers the other's
+endpoints with a 422 naming what it was trained for. The GET endpoints answer in the shapes clients read at start-up.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import time
 
 from fastapi import APIRouter
 from PIL import ImageOps
+from starlette.concurrency import run_in_threadpool
 
 from ..pipeline import default_edit_mode
 from .errors import RequestError
 from .jobs import Edit, check_edit, make_job, resolve_options
-from .schemas import Img2ImgRequest, Txt2ImgRequest
+from .schemas import Img2ImgRequest, InterrogateRequest, Txt2ImgRequest
 
 SAMPLER_NAMES = {"mim": "MaskGIT", "gpt": "Top-k"}
 SD_NAMES = {"guidance_scale": "cfg_scale", "strength": "denoising_strength"}
@@ -48,6 +50,7 @@ def lora_tags(prompt: str) -> tuple[str, dict]:
 
 
 def _job(state, req, edit=None):
+    state.check_direction("t2i", "prompt")
     _check_size(state, req)
     prompt, lora = lora_tags(req.prompt)
     options = resolve_options(state.pipe, {"steps": req.steps, "guidance_scale": req.cfg_scale, "lora": lora},
@@ -113,6 +116,13 @@ def build_router(state, dependencies) -> APIRouter:
         job = _job(state, req, edit)
         images, _ = await state.generate(job)
         return _answer(state, req, job, images)
+
+    @router.post("/interrogate")
+    async def interrogate(req: InterrogateRequest):
+        state.check_direction("i2t", "image")
+        image = state.decode_image(req.image, "image").convert("RGB")
+        caption = await run_in_threadpool(lambda: state.pipe.caption([image])[0])  # greedy, off the event loop
+        return {"caption": caption}
 
     @router.get("/sd-models")
     async def sd_models():
