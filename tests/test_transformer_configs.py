@@ -71,7 +71,7 @@ def test_demo_configs_are_small_enough_for_a_cpu_demo():
         config = model_config_from_yaml(cfg, codebook_size=256, image_size=8)
         assert config.num_image_tokens == 64
         assert build_on_meta(config).num_params() < 2e6
-        assert cfg["train"]["bf16"] == "auto"  # on only where bf16 is native
+        assert cfg["train"]["bf16"] is False  # float32: the recipe was measured so, and bf16 was slower at this size
 
 
 def test_bad_yaml_is_reported_with_the_file(tmp_path):
