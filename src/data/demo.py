@@ -57,11 +57,15 @@ class SceneAttributes:
     vertical: Optional[str]  # top | middle | bottom
 
     def __post_init__(self):
-        for name, allowed in (("color", tuple(PALETTE)), ("shape", SHAPES), ("size", SIZES),
-                              ("horizontal", HORIZONTAL), ("vertical", VERTICAL)):
-            value = getattr(self, name)
-            if value is not None and value not in allowed:
-                raise ValueError(f"SceneAttributes.{name}={value!r}; expected one of {allowed}")
+        check_fields(self, color=tuple(PALETTE), shape=SHAPES, size=SIZES, horizontal=HORIZONTAL, vertical=VERTICAL)
+
+
+def check_fields(attributes, **allowed: Sequence[str]) -> None:
+    """Each named field of an attributes dataclass is None (unknown) or one of its allowed values."""
+    for name, options in allowed.items():
+        value = getattr(attributes, name)
+        if value is not None and value not in options:
+            raise ValueError(f"{type(attributes).__name__}.{name}={value!r}; expected one of {tuple(options)}")
 
 
 def random_attributes(rng: np.random.Generator, colors: Optional[Sequence[str]] = None) -> SceneAttributes:

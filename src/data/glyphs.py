@@ -21,7 +21,7 @@ from PIL import Image, ImageFont
 
 from ..resources import cjk_font_path, load_cjk_font
 from .demo import (BACKGROUND, COLOR_ZH, HORIZONTAL, PALETTE, SIZE_ZH, SIZES, VERTICAL, _EN_WORDS, _ZH_CHARS,
-                   _as_pixels, _largest_component, _majority_color, _where)
+                   _as_pixels, check_fields, _largest_component, _majority_color, _where)
 
 LETTERS = tuple("AEHKLRST")  # distinct outlines, each a single piece for the tokenizer
 DIGITS = tuple("2347")
@@ -63,11 +63,7 @@ class GlyphAttributes:
     vertical: Optional[str]  # top | middle | bottom
 
     def __post_init__(self):
-        for name, allowed in (("color", tuple(PALETTE)), ("char", CHARACTERS), ("size", SIZES),
-                              ("horizontal", HORIZONTAL), ("vertical", VERTICAL)):
-            value = getattr(self, name)
-            if value is not None and value not in allowed:
-                raise ValueError(f"GlyphAttributes.{name}={value!r}; expected one of {allowed}")
+        check_fields(self, color=tuple(PALETTE), char=CHARACTERS, size=SIZES, horizontal=HORIZONTAL, vertical=VERTICAL)
 
 
 GLYPH_ATTRIBUTES = ("color", "char", "size", "horizontal", "vertical")
