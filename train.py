@@ -4,7 +4,8 @@
   python train.py vqgan       --data TRAIN.tsv [--val VAL.tsv] --config CFG.yaml --out DIR
   python train.py transformer --data TRAIN.tsv [--val VAL.tsv] --vqgan VQ_DIR --config CFG.yaml --out DIR
                               [--tokenizer SPM.model] [--init-from RUN_DIR]
-                              [--lora RANK [--lora-alpha A] [--lora-targets attn,mlp,...]]
+                              [--lora RANK [--lora-alpha A] [--lora-targets attn,mlp,...]
+                                           [--lora-new-words WORD,...]]
   both: [--max-steps N] [--max-minutes M] [--batch-size B] [--seed S] [--resume] [--bad-rows error|skip]
         [--threads N] [--compile] [--allow-outside-paths]
 
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                     type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
                     help="comma-separated layers to adapt (lora.targets; default attn,mlp): qkv, attn_out, attn, "
                          "mlp_in, mlp_out, mlp, head, or Linear layer names")
+    tr.add_argument("--lora-new-words", metavar="WORDS", type=lambda text: [w.strip() for w in text.split(",")],
+                    help="comma-separated words the base's tokenizer does not have (lora.new_words): each becomes one "
+                         "new piece of the tokenizer with a new trained text-embedding row, saved with the adapter")
     return parser
 
 
@@ -92,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                             vqgan_dir=getattr(args, "vqgan_dir", None), tokenizer=getattr(args, "tokenizer", None),
                             init_from=getattr(args, "init_from", None), lora_rank=getattr(args, "lora_rank", None),
                             lora_alpha=getattr(args, "lora_alpha", None),
-                            lora_targets=getattr(args, "lora_targets", None), compile=args.compile,
+                            lora_targets=getattr(args, "lora_targets", None),
+                            lora_new_words=getattr(args, "lora_new_words", None), compile=args.compile,
                             allow_outside_paths=args.allow_outside_paths, argv=[prog, *argv])
         if args.stage == "vqgan":
             from tokenpaint.training.vqgan_stage import train_vqgan

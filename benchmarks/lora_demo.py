@@ -2,6 +2,7 @@
 
     python benchmarks/lora_demo.py [--out lora_demo] [--new-color green] [--vqgan-steps 700] [--base-steps 2400]
                                    [--lora-steps 1500] [--rank 4] [--scales 0.8 1.0] [--prompts 48] [-k 2] [--threads 1]
+                                   [--new-word zorbly,佐布色]
 
 1. data: the built-in demo dataset with every colour (for the VQGAN and the caption tokenizer, which a real setup
    takes as general-purpose tokenizers), the same scenes without --new-color (the base generator's data) and
@@ -13,6 +14,10 @@
 4. the base alone and base + adapter (Pipeline.load_lora, --scale) on held-out prompts: the new colour (none of the
    captions in the concept data) and the old colours (none in the base data), judged as benchmarks/demo_quality.py
    does ("match" = colour, shape and position read back from pixels).
+
+--new-word EN,ZH: the new colour is named by made-up words the caption tokenizer has no piece for (in the concept
+data and the held-out prompts, judged as the colour they stand for): the adapter (run `lora_EN`) adds them to the
+tokenizer (lora.new_words) instead of training the rows of the colour's own words.
 
 Every stage is defined in steps (never minutes); a stage already trained in --out is reused. Prints the table of
 docs/LORA.md and exits 1 if a target is missed: new-colour match >= 0.7 with the adapter, old colours within 0.05 of
@@ -26,6 +31,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import numpy as np
 import torch
@@ -107,12 +113,33 @@ def held_out_prompts(count: int, colors: list[str], seen_tsvs: list[str], seed: 
     raise ValueError(f"could not find {count} held-out prompts; ask for fewer (--prompts)")
 
 
-def lora_data(paths: dict, replay: int, out: str) -> str:
-    """The adapter's training TSV: the concept rows, then the first `replay` rows of the base's data (prior
-    preservation: without them the adapter is free to paint everything in the new colour)."""
-    path = os.path.join(out, "data", f"lora_train_replay{replay}.tsv")
+def rename(text: str, names: dict) -> str:
+    for old, new in names.items():
+        text = text.replace(old, new)
+    return text
+
+
+def renamed_tsv(path: str, names: dict) -> str:
+    """A copy of a TSV whose captions call the colours by other names (names: {old word: new word})."""
+    if not names:
+        return path
+    dest = os.path.join(os.path.dirname(path), f"{'_'.join(names.values())}_{os.path.basename(path)}")
+    if not os.path.isfile(dest):
+        with open(path, encoding="utf-8") as f:
+            rows = [line.split("\t", 2) for line in f.read().splitlines()]
+        with open(f"{dest}.tmp", "w", encoding="utf-8") as f:
+            f.writelines(f"{idx}\t{rename(text, names)}\t{image}\n" for idx, text, image in rows)
+        os.replace(f"{dest}.tmp", dest)
+    return dest
+
+
+def lora_data(paths: dict, replay: int, out: str, names: dict) -> str:
+    """The adapter's training TSV: the concept rows (colours renamed by `names`), then the first `replay` rows of
+    the base's data (prior preservation: without them the adapter is free to paint everything in the new colour)."""
+    tag = "".join(f"_{new}" for new in names.values())
+    path = os.path.join(out, "data", f"lora_train_replay{replay}{tag}.tsv")
     if not os.path.isfile(path):
-        with open(paths["concept"], encoding="utf-8") as f:
+        with open(renamed_tsv(paths["concept"], names), encoding="utf-8") as f:
             rows = f.read().splitlines()
         with open(paths["base"], encoding="utf-8") as f:
             rows += [line for _, line in zip(range(replay), f)]
@@ -134,11 +161,13 @@ def base_config(out: str) -> str:
     return path
 
 
-def lora_config(template: str, new_color: str, out: str) -> str:
-    """The LoRA config with lora.words = the new colour's English and Chinese words."""
+def lora_config(template: str, new_color: str, out: str, new_words: list[str]) -> str:
+    """The LoRA config with lora.words = the new colour's English and Chinese words, or with lora.new_words = the
+    made-up words that name it."""
     cfg = read_yaml(template)
-    cfg["lora"]["words"] = [new_color, COLOR_ZH[new_color]]
-    path = os.path.join(out, "lora.yaml")
+    cfg["lora"]["words"] = [] if new_words else [new_color, COLOR_ZH[new_color]]
+    cfg["lora"]["new_words"] = list(new_words)
+    path = os.path.join(out, f"lora{''.join('_' + w for w in new_words)}.yaml")
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(cfg, f, allow_unicode=True, sort_keys=False)
     return path
@@ -153,9 +182,10 @@ def step_seconds(run_dir: str) -> float:
     return float(np.median([tokens_per_step / r for r in rates]))
 
 
-def scores(pipe: Pipeline, prompts: list[str], k: int, seed: int) -> dict:
-    """The judge's fractions over k images per prompt ("match" = colour, shape and position; "color" alone)."""
-    images = pipe(prompts, num_images=k, seed=seed)
+def scores(pipe: Pipeline, prompts: list[str], k: int, seed: int, names: Optional[dict] = None) -> dict:
+    """The judge's fractions over k images per prompt ("match" = colour, shape and position; "color" alone). The
+    prompts are given with the colours renamed by `names` and judged as the colours they stand for."""
+    images = pipe([rename(p, names or {}) for p in prompts], num_images=k, seed=seed)
     return summarize_verdicts([judge(image, prompts[i // k]) for i, image in enumerate(images)])
 
 
@@ -179,14 +209,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop-after", choices=("data", "vqgan", "base", "lora"), help="stop after this stage")
+    p.add_argument("--new-word", metavar="EN,ZH", type=lambda text: text.split(","),
+                   help="name the new colour by these made-up English and Chinese words (new tokenizer pieces)")
     args = p.parse_args(argv)
+    new_words = args.new_word or []
+    if new_words and len(new_words) != 2:
+        p.error(f"--new-word takes an English and a Chinese word, got {args.new_word}")
+    names = dict(zip([args.new_color, COLOR_ZH[args.new_color]], new_words))
     torch.set_num_threads(args.threads)
     print(machine_info(args.threads), flush=True)
 
     data = prepare_data(args.out, args.new_color, args.concept_rows, args.seed)
     if args.stop_after == "data":
         return 0
-    vqgan_dir, base_dir, lora_dir = (os.path.join(args.out, name) for name in ("vqgan", "base", "lora"))
+    lora_name = "lora" + (f"_{new_words[0]}" if new_words else "")
+    vqgan_dir, base_dir, lora_dir = (os.path.join(args.out, name) for name in ("vqgan", "base", lora_name))
     train("vqgan", vqgan_dir, args.vqgan_steps, args.threads,
           ["--data", data["full"], "--val", data["full_val"], "--config",
            str(config_path("demo", "vqgan.yaml")), "--seed", str(args.seed)])
@@ -198,13 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.stop_after == "base":
         return 0
     train("transformer", lora_dir, args.lora_steps, args.threads,
-                 ["--data", lora_data(data, args.replay, args.out), "--val", data["concept_val"], "--init-from",
-                  base_dir, "--lora", str(args.rank), "--config", lora_config(args.lora_config, args.new_color, args.out),
-                  "--seed", str(args.seed)])
+          ["--data", lora_data(data, args.replay, args.out, names), "--val",
+           renamed_tsv(data["concept_val"], names), "--init-from", base_dir, "--lora", str(args.rank),
+           "--config", lora_config(args.lora_config, args.new_color, args.out, new_words), "--seed", str(args.seed)])
     if args.stop_after == "lora":
         return 0
 
     pipe = Pipeline.from_pretrained(base_dir)
+    base_pieces = " / ".join(str(pipe.tokenizer.pieces(w)) for w in new_words)
     base_params = sum(t.numel() for t in pipe.model.state_dict().values())
     from safetensors.torch import load_file
 
@@ -212,15 +250,18 @@ def main(argv: list[str] | None = None) -> int:
     new_prompts = held_out_prompts(args.prompts, [args.new_color], [data["concept"]], args.seed)
     old_prompts = held_out_prompts(args.prompts, [c for c in PALETTE if c != args.new_color], [data["base"]], args.seed)
     k = args.images_per_prompt
-    rows = {"base": (scores(pipe, new_prompts, k, args.seed), scores(pipe, old_prompts, k, args.seed))}
+    rows = {"base": (scores(pipe, new_prompts, k, args.seed, names), scores(pipe, old_prompts, k, args.seed))}
     for scale in args.scales:
         pipe.unload_lora()
         pipe.load_lora(lora_dir, scale=scale)
-        rows[f"base + LoRA x{scale:g}"] = (scores(pipe, new_prompts, k, args.seed),
+        rows[f"base + LoRA x{scale:g}"] = (scores(pipe, new_prompts, k, args.seed, names),
                                             scores(pipe, old_prompts, k, args.seed))
     recon = judge_reconstructions(args.out, data["full_val"], 256)
     (new_base, old_base), (new_lora, old_lora) = rows["base"], rows[f"base + LoRA x{args.scales[0]:g}"]
     new_base, old_base, new_lora, old_lora = (d["match"] for d in (new_base, old_base, new_lora, old_lora))
+    if new_words:
+        print(f"\nthe new colour is named {' / '.join(new_words)} (the base's tokenizer: {base_pieces}; the "
+              f"adapter adds one piece each)")
     print(f"\nnew colour: {args.new_color}; {len(new_prompts)} + {len(old_prompts)} held-out prompts x {k} images; "
           f"LoRA rank {args.rank}, {args.lora_steps} steps on {args.concept_rows} images + {args.replay} replayed; "
           f"{step_seconds(lora_dir):.3f} s per training step (median; --threads {args.threads}, load average "
@@ -229,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{base_params}")
     print(f"the VQGAN's own reconstructions of 256 val images: match {recon['match']:.2f}, colour {recon['color']:.2f}, "
           f"shape {recon['shape']:.2f} (the ceiling of any generator through it)")
-    print(f"| model | {args.new_color} (new): match | colour | shape | old colours: match | colour | shape |\n"
+    print(f"| model | {' / '.join(new_words) or args.new_color} (new): match | colour | shape | old colours: match | "
+          f"colour | shape |\n"
           f"|---|---|---|---|---|---|---|")
     for name, (new, old) in rows.items():
         print(f"| {name} | " + " | ".join(f"{d[c]:.2f}" for d in (new, old) for c in ("match", "color", "shape")) + " |")

@@ -136,6 +136,7 @@ class Pipeline:
         self.directions = tuple(getattr(model.config, "directions", ("t2i",)))  # a GPT may caption ("i2t")
         self.device = next(model.parameters()).device
         self._lora = None  # a LoRASet once an adapter is loaded (load_lora)
+        self._base_tokenizer = tokenizer  # what unload_lora puts back (load_lora may add adapters' new words)
         self._base_sha256 = None  # the base weights' hash as saved (set by from_pretrained before a dtype cast)
         self.tokens_per_side = int(model.config.image_size)
         self.resolution = self.tokens_per_side * int(vqgan.downsample_factor)
@@ -196,8 +197,10 @@ class Pipeline:
     def load_lora(self, path, scale: float = LORA_SCALE, name: Optional[str] = None) -> str:
         """Apply a LoRA adapter (a `train.py transformer --lora` run directory, or its lora.safetensors with
         lora.json beside it) at `scale`; several can be loaded, each with its own scale, and their updates add up.
-        An adapter trained on other base weights is refused (both hashes named). Returns its name (default: the
-        directory's name)."""
+        An adapter trained on other base weights is refused (both hashes named). An adapter with new words
+        (`lora.new_words`) adds them to `self.tokenizer` as new pieces, with the next free ids (two adapters adding
+        the same word are refused, both named), and their rows to the text embedding. Returns its name (default:
+        the directory's name)."""
         if not isinstance(scale, (int, float)) or isinstance(scale, bool):
             raise ValueError(f"LoRA scale must be a number, got {scale!r}")
         self._refuse_if_quantized("load_lora")
@@ -205,7 +208,17 @@ class Pipeline:
         if self._lora is None:
             self._lora = LoRASet(self.model, self._base_sha256)
         name = name or Path(adapter.source).name
+        tokenizer = self.tokenizer
+        if adapter.new_words:
+            self._lora.check_new_words(adapter, name)
+            try:
+                tokenizer = self.tokenizer.with_words(adapter.new_words)
+            except ValueError as e:
+                raise ValueError(f"LoRA {adapter.source}: lora.json new_words: {e}") from None
+            first = self.tokenizer.vocab_size
+            adapter.assign_new_ids(range(first, first + len(adapter.new_words)))
         self._lora.add(adapter, scale, name)
+        self.tokenizer = tokenizer
         return name
 
     @property
@@ -243,10 +256,12 @@ class Pipeline:
         return self
 
     def unload_lora(self) -> "Pipeline":
-        """Remove every adapter, fused or not: the base weights are back bit for bit."""
+        """Remove every adapter, fused or not: the base weights, text-embedding table and tokenizer are back bit for
+        bit."""
         if self._lora is not None:
             self._refuse_if_quantized("unload_lora")
             self._lora.unload()
+            self.tokenizer = self._base_tokenizer
         return self
 
     # ------------------------------------------------------------------ text -> images

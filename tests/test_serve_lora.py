@@ -73,3 +73,32 @@ def test_cli_refuses_a_bad_lora(setup, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--model", str(other), "--no-ui", "--lora", str(setup["adapter"])])
     assert "trained on base weights" in capsys.readouterr().err
+
+
+def test_an_adapter_with_new_words_serves_them(tmp_path):
+    import torch
+
+    from tokenpaint.transformer import load_generator
+    from tokenpaint.transformer.lora import LoRAAdapter
+
+    run = make_runs(tmp_path)["mim"]
+    base = Pipeline.from_pretrained(run)
+    adapter = LoRAAdapter.create(load_generator(run), 2, targets=["attn"], new_words={"zorbly": base.tokenizer.vocab_size})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        adapter.new_rows.copy_(torch.randn(adapter.new_rows.shape, generator=g) * 3)
+        for p in adapter.lora_B.values():
+            p.copy_(torch.randn(p.shape, generator=g))
+    adapter.save(tmp_path / "zorbly")
+    pipe = Pipeline.from_pretrained(run)
+    pipe.load_lora(tmp_path / "zorbly")
+    prompt = "a zorbly circle"
+    assert base.tokenizer.vocab_size in pipe.encode_text([prompt])[0].tolist()
+    expected = pixels(pipe([prompt], seed=7)[0])
+    assert expected != pixels(base([prompt], seed=7)[0])
+    server = LiveServer(create_app(pipe, ServeSettings(max_wait_ms=5), model_dir=run, ui=False))
+    try:
+        status, _, out = server.call("POST", "/v1/images", {"prompts": prompt, "seed": 7})
+        assert status == 200 and pixels(from_b64(out["images"][0])) == expected
+    finally:
+        server.stop()

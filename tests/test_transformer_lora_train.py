@@ -1,4 +1,6 @@
 """train.py transformer --init-from BASE --lora RANK: a frozen base, a trained adapter file, resume, errors, DDP."""
+import base64
+import io
 import json
 from pathlib import Path
 
@@ -6,20 +8,23 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
+from PIL import Image
 from safetensors.torch import load_file
 
 from test_transformer_train import _ddp_worker, _free_port, env, load_cli, metrics, options, write_config  # noqa: F401
 from tokenpaint import Pipeline
+from tokenpaint.data import TextTokenizer
+from tokenpaint.training.common import TrainOptions
 from tokenpaint.training.transformer_stage import train_transformer
 from tokenpaint.transformer import load_generator
 from tokenpaint.transformer.lora import base_hash
 
 
-def lora_config(path, words=("red",), **train):
+def lora_config(path, words=("red",), new_words=(), **train):
     """A LoRA config: no model section (the base's model), a `lora:` section."""
     cfg = {"train": {"batch_size": 8, "lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 0, "max_steps": 20, "log_every": 1,
                      "val_every": 1000, "sample_every": 1000, "ckpt_every": 1000, **train},
-           "lora": {"rank": 4, "targets": ["attn", "mlp"], "words": list(words)}}
+           "lora": {"rank": 4, "targets": ["attn", "mlp"], "words": list(words), "new_words": list(new_words)}}
     Path(path).write_text(yaml.safe_dump(cfg), encoding="utf-8")
     return str(path)
 
@@ -124,3 +129,97 @@ def test_lora_ddp_two_processes_match_one_process(env, base, tmp_path):
     a, b = load_file(tmp_path / "one" / "lora.safetensors"), load_file(tmp_path / "two" / "lora.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215), "zorbly": (235, 200, 30)}
+
+
+def solid_tsv(path, colours, repeat: int = 8) -> str:
+    """Rows "a COLOUR picture" of 16 x 16 images filled with that colour: the caption decides every image id."""
+    lines = []
+    for name in colours:
+        buffer = io.BytesIO()
+        Image.new("RGB", (16, 16), COLOURS[name]).save(buffer, format="PNG")
+        image = base64.b64encode(buffer.getvalue()).decode()
+        lines += [f"{len(lines) + i}\ta {name} picture\t{image}" for i in range(repeat)]
+    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def masked_loss(pipe, prompt: str, colour: str) -> float:
+    """Cross-entropy of the ids of a `colour` image with every image position masked, given `prompt`."""
+    from tokenpaint.data import pil_to_tensor
+
+    ids = pipe.vqgan.encode(pil_to_tensor(Image.new("RGB", (16, 16), COLOURS[colour]))[None]).flatten(1)
+    with torch.no_grad():
+        logits = pipe.model(pipe.encode_text([prompt]), torch.full_like(ids, pipe.model.mask_token_id))[0]
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).item()
+
+
+def test_lora_new_words_extend_the_tokenizer_and_a_tiny_model_learns_to_use_them(env, tmp_path):
+    """A base that knows red, green and blue; an adapter that adds the word "zorbly" for yellow, a colour the base
+    never drew and a word its tokenizer has no piece for (with red rows replayed so the word has to carry it)."""
+    cli = load_cli()
+    base = tmp_path / "base"
+    rc = cli.main(["transformer", "--data", solid_tsv(tmp_path / "base.tsv", ["red", "green", "blue"]), "--vqgan",
+                   env["vq"], "--config", write_config(tmp_path / "b.yaml", "mim", max_steps=60, lr=1e-2),
+                   "--out", str(base), "--threads", "1", "--seed", "0"])
+    assert rc == 0
+    base_tokenizer = TextTokenizer(base / "tokenizer.model")
+    assert len(base_tokenizer.pieces("zorbly")) > 2  # letters and bytes: no piece for it
+    out = tmp_path / "lora"
+    config = lora_config(tmp_path / "l.yaml", words=(), max_steps=100, lr=1e-2, batch_size=16)
+    rc = cli.main(["transformer", "--data", solid_tsv(tmp_path / "lora.tsv", ["zorbly", "red", "green"]), "--init-from",
+                   str(base), "--lora", "4", "--config", config, "--lora-new-words", "zorbly", "--out", str(out),
+                   "--threads", "1", "--seed", "0"])
+    assert rc == 0
+    v = base_tokenizer.vocab_size
+    assert json.loads((out / "lora.json").read_text(encoding="utf-8"))["new_words"] == {"zorbly": v}
+    tensors = load_file(out / "lora.safetensors")
+    assert all(k.endswith((".lora_A", ".lora_B")) or k == "text_embedding.new_rows" for k in tensors)
+    assert tensors["text_embedding.new_rows"].shape == (1, 32)
+    run_tokenizer = TextTokenizer(out / "tokenizer.model")  # travels with the adapter: the base's plus the word
+    assert run_tokenizer.vocab_size == v + 1 and run_tokenizer.sp.id_to_piece(v) == "zorbly"
+    assert "'zorbly'" in (out / "README.md").read_text(encoding="utf-8")
+
+    pipe = Pipeline.from_pretrained(base)
+    before = {c: masked_loss(pipe, f"a {c} picture", c) for c in ("zorbly", "red", "green")}
+    pipe.load_lora(out, scale=1.0)
+    assert torch.equal(pipe.encode_text(["a zorbly picture"]), run_tokenizer.encode(["a zorbly picture"], length=16))
+    after = {c: masked_loss(pipe, f"a {c} picture", c) for c in ("zorbly", "red", "green")}
+    misnamed = masked_loss(pipe, "a red picture", "zorbly")  # the word, not the adapter alone, draws yellow
+    print(f"masked loss, base: {before}; with the adapter: {after}; yellow from 'a red picture': {misnamed:.3f}")
+    assert after["zorbly"] < before["zorbly"] - 0.4 and after["zorbly"] < misnamed - 0.25  # measured 0.55, 0.36
+    assert after["red"] < before["red"] + 0.1 and after["green"] < before["green"] + 0.1  # replayed: kept
+
+
+def test_lora_new_words_resume_after_n_steps_equals_2n_straight_steps(env, base, tmp_path):
+    data = solid_tsv(tmp_path / "z.tsv", ["zorbly", "red"], repeat=4)
+    config = lora_config(tmp_path / "l.yaml", words=(), new_words=["zorbly"], max_steps=6, decay_steps=6,
+                         batch_size=4)
+    run = lambda out, **kw: train_transformer(TrainOptions(  # noqa: E731
+        stage="transformer", data=data, out=str(tmp_path / out), init_from=str(base), **kw))
+    run("a", config=config)
+    run("b", config=config, max_steps=3)
+    assert run("b", config=None, resume=True, max_steps=6)["step"] == 6
+    a, b = load_file(tmp_path / "a" / "lora.safetensors"), load_file(tmp_path / "b" / "lora.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "text_embedding.new_rows" in a
+
+
+def test_lora_new_words_errors_name_the_flag(env, base, tmp_path, capsys):
+    config = lora_config(tmp_path / "l.yaml", words=("red",))
+    cli = load_cli()
+    for words, message in (("circle", "--lora-new-words: 'circle' is already a piece of the tokenizer"),
+                           ("zorbly,", "--lora-new-words: an empty word"),
+                           ("zor bly", "--lora-new-words: 'zor bly' holds a space"),
+                           ("red", "'red' is in lora.words and in lora.new_words / --lora-new-words")):
+        rc = cli.main(["transformer", "--data", env["train"], "--config", config, "--out", str(tmp_path / "x"),
+                       "--init-from", str(base), "--lora", "2", "--lora-new-words", words])
+        assert rc == 2 and message in capsys.readouterr().err, words
+    no_rank = tmp_path / "n.yaml"
+    no_rank.write_text(yaml.safe_dump({"train": {"max_steps": 2}}))
+    rc = cli.main(["transformer", "--data", env["train"], "--config", str(no_rank), "--out", str(tmp_path / "x"),
+                   "--init-from", str(base), "--lora-new-words", "zorbly"])
+    assert rc == 2 and "need --lora RANK" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "cache").exists()

@@ -70,8 +70,7 @@ def state_dict_hash(module) -> str:
 
 
 def tokenizer_hash(tokenizer: TextTokenizer) -> str:
-    with open(tokenizer.model_file, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    return hashlib.sha256(tokenizer.proto).hexdigest()  # the model as loaded, with any added words
 
 
 def cache_fingerprint(tsv_path, vqgan, tokenizer, resolution: int, text_len: int,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import struct
 import tempfile
 import warnings
 from typing import Iterable, Sequence
@@ -20,6 +21,26 @@ logger = logging.getLogger(__name__)
 NULL_TEXT_ID = 0  # pad id == the "no text" condition
 UNK_ID = 1
 _MAX_RETRIES = 3
+_USER_DEFINED = 4  # ModelProto.SentencePiece.Type.USER_DEFINED
+WORD_BOUNDARY = "\u2581"  # how SentencePiece writes a space
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _user_defined_piece(piece: str) -> bytes:
+    """One `pieces` entry of a SentencePiece ModelProto in protobuf wire format: {piece, score 0, USER_DEFINED}.
+    Repeated protobuf fields may come in any order, so appending it to a serialized model appends a piece (the id
+    after the last one) without the protobuf package."""
+    text = piece.encode("utf-8")
+    body = b"\x0a" + _varint(len(text)) + text + b"\x15" + struct.pack("<f", 0.0) + b"\x18" + _varint(_USER_DEFINED)
+    return b"\x0a" + _varint(len(body)) + body
 
 
 class TextTokenizer:
@@ -30,6 +51,7 @@ class TextTokenizer:
         if not os.path.isfile(model_file):
             raise FileNotFoundError(f"SentencePiece model not found: {model_file}")
         self.model_file = model_file
+        self.added_words: tuple[str, ...] = ()  # pieces appended by `with_words`, in id order
         with open(model_file, "rb") as f:
             self._load_proto(f.read())
 
@@ -45,18 +67,59 @@ class TextTokenizer:
                 "(train it with TextTokenizer.train or pad_id=0, unk_id=1, bos_id=-1, eos_id=-1)")
 
     def __getstate__(self):  # picklable for DataLoader workers: carry the model bytes, not the C++ object
-        return {"model_file": self.model_file, "proto": self._proto}
+        return {"model_file": self.model_file, "proto": self._proto, "added_words": self.added_words}
 
     def __setstate__(self, state):
         self.model_file = state["model_file"]
+        self.added_words = tuple(state.get("added_words", ()))
         self._load_proto(state["proto"])
 
     def __repr__(self) -> str:
-        return f"TextTokenizer({self.model_file!r}, vocab_size={self.vocab_size})"
+        added = f", added_words={list(self.added_words)}" if self.added_words else ""
+        return f"TextTokenizer({self.model_file!r}, vocab_size={self.vocab_size}{added})"
 
     @property
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
+
+    @property
+    def proto(self) -> bytes:
+        """The serialized SentencePiece model (what `save` writes)."""
+        return self._proto
+
+    def new_word_piece(self, word) -> str:
+        """The piece `with_words` would add for `word` (its NFKC-normalized form, as SentencePiece normalizes the
+        text it encodes). ValueError, naming the word, for an empty word, one with a space, or one the vocabulary
+        already holds as a piece (with or without a word boundary before it)."""
+        if not isinstance(word, str) or not word.strip():
+            raise ValueError(f"an empty word ({word!r})")
+        if any(ch.isspace() for ch in word) or WORD_BOUNDARY in word:
+            raise ValueError(f"{word!r} holds a space: a new word is one word")
+        piece = self.sp.normalize(word).lstrip(WORD_BOUNDARY)
+        if not piece or WORD_BOUNDARY in piece:
+            raise ValueError(f"{word!r} normalizes to {piece!r}, not one word")
+        for form in (piece, WORD_BOUNDARY + piece):
+            found = self.sp.piece_to_id(form)
+            if self.sp.id_to_piece(found) == form:
+                raise ValueError(f"{word!r} is already a piece of the tokenizer ({form!r}, id {found})")
+        return piece
+
+    def with_words(self, words: Sequence[str]) -> "TextTokenizer":
+        """A copy with each of `words` added as one new piece, ids vocab_size, vocab_size + 1, ... in order.
+
+        The pieces are SentencePiece user-defined pieces: a word is cut out of a text wherever its letters occur
+        (inside another word too) before the model's own segmentation, and a space before it stays the
+        word-boundary piece; a text holding none of the words encodes to exactly the ids it had before.
+        Errors (ValueError naming the word): `new_word_piece`'s, and a word given twice."""
+        pieces = [self.new_word_piece(word) for word in words]
+        for i, piece in enumerate(pieces):
+            if piece in pieces[:i]:
+                raise ValueError(f"{words[i]!r} is given twice")
+        extended = object.__new__(type(self))
+        extended.model_file = self.model_file
+        extended.added_words = self.added_words + tuple(pieces)
+        extended._load_proto(self._proto + b"".join(_user_defined_piece(p) for p in pieces))
+        return extended
 
     @classmethod
     def train(cls, texts: Iterable[str], model_prefix, vocab_size: int, model_type: str = "bpe",
@@ -151,10 +214,10 @@ class TextTokenizer:
         return self.sp.encode(text, out_type=str)
 
     def save(self, directory) -> str:
-        """Copy the model to `directory/tokenizer.model` and return that path."""
+        """Write the model (with its added words) to `directory/tokenizer.model` and return that path."""
         os.makedirs(directory, exist_ok=True)
         dest = os.path.join(directory, "tokenizer.model")
-        if os.path.abspath(dest) != os.path.abspath(self.model_file):
+        if self.added_words or os.path.abspath(dest) != os.path.abspath(self.model_file):
             fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 f.write(self._proto)

@@ -54,6 +54,7 @@ class TrainOptions:
     lora_rank: int | None = None  # transformer: --lora RANK (None: the config's lora.rank)
     lora_alpha: float | None = None  # transformer: --lora-alpha
     lora_targets: list[str] | None = None  # transformer: --lora-targets attn,mlp
+    lora_new_words: list[str] | None = None  # transformer: --lora-new-words zorbly,...
     compile: bool | None = None  # --compile: torch.compile the training forward (None: the config's train.compile)
     allow_outside_paths: bool = False  # --allow-outside-paths: image paths in the TSVs may leave their folder
     argv: list[str] = field(default_factory=list)  # the command line, to print the exact resume command

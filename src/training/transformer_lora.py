@@ -1,9 +1,10 @@
 """LoRA runs of the transformer stage (`train.py transformer --init-from BASE --lora RANK`): the config's `lora:`
 section with the command line's overrides, the frozen base with one trainable adapter, and its checks on resume.
 
-The base's weights stay frozen; only the adapter (A/B of the target layers, and the text-embedding rows of
-`lora.words`) is trained, checkpointed and saved (lora.safetensors + lora.json). A checkpoint records the base's
-directory and hash: a resumed run reloads the base from there and refuses other weights.
+The base's weights stay frozen; only the adapter (A/B of the target layers, the text-embedding rows of
+`lora.words`, new rows for `lora.new_words`) is trained, checkpointed and saved (lora.safetensors + lora.json). New
+words extend the run's tokenizer (its tokenizer.model holds them). A checkpoint records the base's directory and
+hash: a resumed run reloads the base from there and refuses other weights.
 """
 from __future__ import annotations
 
@@ -13,19 +14,25 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..data.text import WORD_BOUNDARY, TextTokenizer
 from ..transformer.lora import TARGET_GROUPS, LoRAAdapter, LoRASet, base_hash
+
+NEW_WORDS = "lora.new_words / --lora-new-words"
 
 
 def apply_lora_options(cfg: dict, opts, source: str) -> None:
-    """--lora / --lora-alpha / --lora-targets over the config's `lora:` section, then check it (naming `source`)."""
+    """--lora / --lora-alpha / --lora-targets / --lora-new-words over the config's `lora:` section, then check it
+    (naming `source`)."""
     lora = cfg["lora"]
-    for key, value in (("rank", opts.lora_rank), ("alpha", opts.lora_alpha), ("targets", opts.lora_targets)):
+    for key, value in (("rank", opts.lora_rank), ("alpha", opts.lora_alpha), ("targets", opts.lora_targets),
+                       ("new_words", opts.lora_new_words)):
         if value is not None:
             lora[key] = value
     rank, alpha, targets, words = lora["rank"], lora["alpha"], lora["targets"], lora["words"]
     if rank is None:
-        if opts.lora_alpha is not None or opts.lora_targets is not None:
-            raise ValueError("--lora-alpha / --lora-targets need --lora RANK (or lora.rank in the config)")
+        if opts.lora_alpha is not None or opts.lora_targets is not None or opts.lora_new_words is not None:
+            raise ValueError("--lora-alpha / --lora-targets / --lora-new-words need --lora RANK (or lora.rank in the "
+                             "config)")
         return
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"{source}: lora.rank must be an integer >= 1, got {rank!r}")
@@ -41,6 +48,25 @@ def apply_lora_options(cfg: dict, opts, source: str) -> None:
         raise ValueError(f"{source}: lora.words must be a list of words, got {words!r}")
     if opts.init_from is None:
         raise ValueError("--lora needs --init-from RUN_DIR: the trained generator the adapter is trained on")
+    new_words = lora["new_words"]
+    if not isinstance(new_words, list):
+        raise ValueError(f"{source}: {NEW_WORDS} must be a list of words, got {new_words!r}")
+    both = sorted(set(new_words) & set(words))
+    if both:
+        raise ValueError(f"{source}: {both[0]!r} is in lora.words and in {NEW_WORDS}: lora.words trains the rows of "
+                         f"pieces the tokenizer has, new words get new pieces")
+    if new_words:  # checked against the base's tokenizer now, before any work
+        init_tokenizer = os.path.join(opts.init_from, "tokenizer.model")
+        if os.path.isfile(init_tokenizer):
+            extend_tokenizer(TextTokenizer(init_tokenizer), new_words, source)
+
+
+def extend_tokenizer(tokenizer: TextTokenizer, new_words: list[str], source: str) -> TextTokenizer:
+    """The run's tokenizer with `new_words` as new pieces (TextTokenizer.with_words), errors naming the option."""
+    try:
+        return tokenizer.with_words(new_words)
+    except ValueError as e:
+        raise ValueError(f"{source}: {NEW_WORDS}: {e}") from None
 
 
 def lora_enabled(cfg: dict) -> bool:
@@ -59,6 +85,18 @@ def word_ids(tokenizer, words: list[str]) -> list[int]:
     return sorted(set(ids))
 
 
+def new_word_ids(tokenizer: TextTokenizer, new_words: list[str]) -> dict[str, int]:
+    """{piece of each new word: its id} in the run's (extended) tokenizer."""
+    out = {}
+    for word in new_words:
+        piece = tokenizer.sp.normalize(word).lstrip(WORD_BOUNDARY)
+        found = tokenizer.sp.piece_to_id(piece)
+        if tokenizer.sp.id_to_piece(found) != piece:
+            raise ValueError(f"{NEW_WORDS}: the run's tokenizer.model has no piece for {word!r}")
+        out[piece] = found
+    return out
+
+
 def attach_adapter(model: nn.Module, cfg: dict, tokenizer, base: dict, resume_state: Optional[dict] = None):
     """Freeze `model` (the base's weights already in it), check them against `base` ({"path", "sha256"}), and
     attach a trainable adapter (fresh, or the checkpoint's). Returns (adapter, module to train: model + adapter)."""
@@ -70,7 +108,8 @@ def attach_adapter(model: nn.Module, cfg: dict, tokenizer, base: dict, resume_st
     model.requires_grad_(False)
     lora = cfg["lora"]
     adapter = LoRAAdapter.create(model, lora["rank"], lora["alpha"], lora["targets"],
-                                 text_ids=word_ids(tokenizer, lora["words"]), words=lora["words"])
+                                 text_ids=word_ids(tokenizer, lora["words"]), words=lora["words"],
+                                 new_words=new_word_ids(tokenizer, lora["new_words"]))
     if resume_state is not None:
         adapter.load_state_dict(resume_state["lora"])
     LoRASet(model, found).add(adapter, 1.0, "training")
@@ -96,7 +135,8 @@ class WithAdapter(nn.Module):
         """AdamW on the adapter: weight decay on A and B, none on the text-embedding rows."""
         decay = [*self.adapter.lora_A.values(), *self.adapter.lora_B.values()]
         groups = [{"params": decay, "weight_decay": weight_decay}]
-        if self.adapter.text_delta is not None:
-            groups.append({"params": [self.adapter.text_delta], "weight_decay": 0.0})
+        rows = [p for p in (self.adapter.text_delta, self.adapter.new_rows) if p is not None]
+        if rows:
+            groups.append({"params": rows, "weight_decay": 0.0})
         extra = {"fused": True} if device_type in ("cuda", "cpu") else {}
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **extra)

@@ -39,7 +39,7 @@ from .common import (CheckpointManager, GracefulStop, MetricsLogger, TimeBudget,
                      load_config, maybe_compile, progress_bar, report_finish, resolve_bf16, restore_rng, save_yaml,
                      set_seed, settle_decay_with_budget, setup_distributed, start_or_resume, sync_progress)
 from .model_card import write_model_card
-from .transformer_lora import apply_lora_options, attach_adapter, base_path, lora_enabled
+from .transformer_lora import apply_lora_options, attach_adapter, base_path, extend_tokenizer, lora_enabled
 from .transformer_data import GlobalBatches, corrupt, rank_rows, split_directions, summed_cross_entropy
 from .transformer_samples import caption_samples, sample_grid, validation_loss
 
@@ -159,7 +159,7 @@ def _token_caches(opts, vqgan, tokenizer, resolution, text_len, batch_size, imag
 
 
 def _write_card(opts, kind, step, max_steps, stop_reason, images_seen, caches, lora_base=None,
-                directions=("t2i",)) -> None:
+                directions=("t2i",), new_words=()) -> None:
     what = {"gpt": "a causal GPT over [text ids ; image ids], sampled one id at a time (KV cache, top-k / top-p)",
             "mim": "a bidirectional masked transformer (MaskGIT style), sampled by iterative masked decoding"}[kind]
     if lora_base is not None:  # an adapter run: the card says how to apply it to its base
@@ -168,6 +168,10 @@ def _write_card(opts, kind, step, max_steps, stop_reason, images_seen, caches, l
                        f"in `{lora_base['path']}` ({what}); it only loads onto those base weights (sha256 "
                        f"{lora_base['sha256']}). Command line: `python generate.py --model path/to/base --lora "
                        f"path/to/this/folder:0.8 --prompt \"a red circle\"`.")
+        if new_words:
+            description += (f" It adds the words {', '.join(repr(w) for w in new_words)} to the base's tokenizer (one "
+                            f"new piece each; `tokenizer.model` here is the extended tokenizer): loading it extends the "
+                            f"pipeline's tokenizer and text embedding.")
         usage = ('from tokenpaint import Pipeline\n\n'
                  'pipe = Pipeline.from_pretrained("path/to/base")\n'
                  'pipe.load_lora("path/to/this/folder", scale=0.8)\n'
@@ -227,6 +231,10 @@ def _train(opts: TrainOptions, info) -> dict:
             {**cfg, "model": model_section, "source": opts.config}, text_vocab_size=tokenizer.vocab_size,
             codebook_size=vqgan.codebook_size, image_size=resolution // vqgan.downsample_factor)
         cfg["model"] = {"kind": model_config.kind, **model_config.to_dict()}  # resolved: what resume rebuilds
+        if lora and cfg["lora"]["new_words"]:  # the base's tokenizer (and model size) plus the adapter's new pieces
+            tokenizer = extend_tokenizer(tokenizer, cfg["lora"]["new_words"], opts.config)
+            if is_main():
+                tokenizer.save(opts.out)
         if is_main():
             if not lora:  # a LoRA run uses its base's VQGAN
                 vqgan.save_pretrained(os.path.join(opts.out, "vqgan"))
@@ -382,7 +390,7 @@ def _train(opts: TrainOptions, info) -> dict:
     metrics.close()
     if is_main():
         _write_card(opts, kind, step, max_steps, stop_reason, step * global_batch * accum, caches,
-                    lora_base if lora else None, directions)
+                    lora_base if lora else None, directions, cfg["lora"]["new_words"] if lora else ())
 
     bad = caches["train"].meta.get("bad_rows_skipped", 0)
     report_finish(opts, step, max_steps, stop_reason, last_ckpt, bad)

@@ -3,17 +3,21 @@
 An adapter holds, per adapted Linear layer of shape [out, in], A [rank, in] and B [out, rank]; the layer computes
 y = W x + b + scale * (alpha / rank) * B A x. B starts at zero, so a fresh adapter changes nothing. Optionally it
 also holds new values for some rows of the text embedding (`text_ids`, as offsets `text_delta` [n, C] added to the
-base's rows), for words the base never learned.
+base's rows), for words the base never learned, and whole new rows (`new_rows` [k, C]) for words the base's
+tokenizer does not have (`new_words`: each becomes one new piece of the tokenizer, TextTokenizer.with_words).
 
 Files, beside a `train.py transformer --lora` run: `lora.safetensors` (adapter tensors only: `<layer>.lora_A`,
-`<layer>.lora_B`, `text_embedding.ids`, `text_embedding.delta`) and `lora.json` (format, kind, rank, alpha, targets,
-layers, words, base_sha256 = `base_hash` of the weights it was trained on).
+`<layer>.lora_B`, `text_embedding.ids`, `text_embedding.delta`, `text_embedding.new_rows`) and `lora.json` (format,
+kind, rank, alpha, targets, layers, words, new_words {word: id in the run's tokenizer}, base_sha256 = `base_hash` of
+the weights it was trained on).
 
 Adapters are applied with forward hooks (`LoRASet`), so the model's own weights and state_dict keys never change
-until `fuse`; `unload` puts back the exact base weights.
+until `fuse`, except that new words need rows in the text-embedding table: it grows (by rows the hook fills) while
+such an adapter is loaded. `unload` puts back the exact base weights and table.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -31,7 +35,7 @@ from ..utils import atomic_write, state_dict_mismatch
 LORA_WEIGHTS = "lora.safetensors"
 LORA_CONFIG = "lora.json"
 LORA_FORMAT = "tokenpaint-lora-1"
-TEXT_IDS, TEXT_DELTA = "text_embedding.ids", "text_embedding.delta"
+TEXT_IDS, TEXT_DELTA, TEXT_NEW_ROWS = "text_embedding.ids", "text_embedding.delta", "text_embedding.new_rows"
 DEFAULT_SCALE = 0.8  # what Pipeline.load_lora and generate.py --lora apply unless told (0.7-0.9 works best)
 TEXT_EMBEDDING = "embed.text_tok"  # the module whose rows an adapter can change
 
@@ -95,6 +99,7 @@ class LoRAConfig:
     words: list[str] = field(default_factory=list)  # words whose text-embedding rows the adapter trains
     kind: str = ""  # the generator kind (gpt | mim)
     base_sha256: str = ""
+    new_words: dict[str, int] = field(default_factory=dict)  # new pieces -> their ids in the run's tokenizer
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
@@ -102,6 +107,10 @@ class LoRAConfig:
         if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or self.alpha <= 0:
             raise ValueError(f"LoRA alpha must be a number > 0, got {self.alpha!r}")
         self.alpha = float(self.alpha)
+        if not isinstance(self.new_words, dict) or not all(
+                isinstance(w, str) and w and isinstance(i, int) and not isinstance(i, bool) and i > 0
+                for w, i in self.new_words.items()):
+            raise ValueError(f"LoRA new_words must map words to ids > 0, got {self.new_words!r}")
 
     @property
     def scaling(self) -> float:
@@ -110,11 +119,13 @@ class LoRAConfig:
     def to_dict(self) -> dict:
         return {"format": LORA_FORMAT, "kind": self.kind, "rank": self.rank, "alpha": self.alpha,
                 "targets": list(self.targets), "layers": list(self.layers), "words": list(self.words),
-                "base_sha256": self.base_sha256}
+                "new_words": dict(self.new_words), "base_sha256": self.base_sha256}
 
 
 class LoRAAdapter(nn.Module):
-    """The trainable tensors of one adapter: A/B per adapted layer, optionally text-embedding row offsets."""
+    """The trainable tensors of one adapter: A/B per adapted layer, optionally text-embedding row offsets and new
+    rows. `new_ids` (not saved) are the text ids its new words have in the tokenizer it is used with: those of
+    `config.new_words` unless `assign_new_ids` changed them (a pipeline holding another adapter's new words)."""
 
     def __init__(self, config: LoRAConfig, shapes: dict[str, tuple[int, int]], text_ids: Sequence[int] = (),
                  n_embd: int = 0):
@@ -130,21 +141,46 @@ class LoRAAdapter(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A[key], a=math.sqrt(5))  # as nn.Linear (and peft) initialise A
         self.register_buffer("text_ids", torch.tensor(list(text_ids), dtype=torch.long))
         self.text_delta = nn.Parameter(torch.zeros(len(text_ids), n_embd)) if len(text_ids) else None
+        new_ids = list(config.new_words.values())
+        self.register_buffer("new_ids", torch.tensor(new_ids, dtype=torch.long), persistent=False)
+        self.new_rows = nn.Parameter(torch.zeros(len(new_ids), n_embd)) if new_ids else None
 
     @classmethod
     def create(cls, model: nn.Module, rank: int, alpha: Optional[float] = None, targets: Sequence[str] = ("attn",),
-               text_ids: Sequence[int] = (), words: Sequence[str] = ()) -> "LoRAAdapter":
-        """A fresh adapter for `model` (B = 0: the model's outputs are unchanged until it is trained)."""
+               text_ids: Sequence[int] = (), words: Sequence[str] = (),
+               new_words: Optional[dict[str, int]] = None) -> "LoRAAdapter":
+        """A fresh adapter for `model` (B = 0: the model's outputs are unchanged until it is trained). `new_words`:
+        {word: its id in the extended tokenizer (TextTokenizer.with_words)}; their rows start as the mean of the
+        base's text rows (padding and unknown left out)."""
         layers = resolve_targets(model, targets)
         config = LoRAConfig(rank, float(rank if alpha is None else alpha), list(targets), layers, list(words),
-                            model.config.kind, base_hash(model))
+                            model.config.kind, base_hash(model), dict(new_words or {}))
         modules = dict(model.named_modules())
         shapes = {name: tuple(modules[name].weight.shape) for name in layers}
         text_ids = sorted(set(int(i) for i in text_ids))
         vocab = model.config.text_vocab_size
         if any(not 0 < i < vocab for i in text_ids):
             raise ValueError(f"LoRA text ids must be in [1, {vocab}), got {text_ids}")
-        return cls(config, shapes, text_ids, model.config.n_embd).to(next(model.parameters()).device)
+        clash = sorted(set(text_ids) & set(config.new_words.values()))
+        if clash:
+            raise ValueError(f"LoRA new word ids {clash} are also ids of lora.words pieces")
+        adapter = cls(config, shapes, text_ids, model.config.n_embd)
+        if adapter.new_rows is not None:
+            with torch.no_grad():
+                table = modules[TEXT_EMBEDDING].weight
+                known = table[2:]  # ids 0 and 1 are padding and unknown (TextTokenizer)
+                adapter.new_rows.copy_(known.float().mean(0).expand_as(adapter.new_rows))
+        return adapter.to(next(model.parameters()).device)
+
+    @property
+    def new_words(self) -> list[str]:
+        return list(self.config.new_words)
+
+    def assign_new_ids(self, ids: Sequence[int]) -> None:
+        """The ids its new words have in the tokenizer it is used with (one per word, in order)."""
+        if len(ids) != len(self.config.new_words):
+            raise ValueError(f"{len(self.config.new_words)} new words, {len(ids)} ids")
+        self.new_ids = torch.tensor(list(ids), dtype=torch.long, device=self.new_ids.device)
 
     def delta(self, layer: str, x: torch.Tensor) -> torch.Tensor:
         """(alpha / rank) * B A x for the adapted layer `layer`."""
@@ -162,6 +198,12 @@ class LoRAAdapter(nn.Module):
         onehot = (text_ids[..., None] == self.text_ids).to(self.text_delta.dtype)  # [B,T,n]
         return onehot @ self.text_delta
 
+    def put_new_rows(self, text_ids: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+        """[B,T] ids, [B,T,C] their embedding -> the embedding with the new words' rows at their positions."""
+        onehot = text_ids[..., None] == self.new_ids  # [B,T,k]
+        rows = onehot.to(self.new_rows.dtype) @ self.new_rows
+        return torch.where(onehot.any(-1, keepdim=True), rows.to(embedded.dtype), embedded)
+
     # ------------------------------------------------------------------ files
     def tensors(self) -> dict[str, torch.Tensor]:
         """What `lora.safetensors` holds: adapter tensors only."""
@@ -171,6 +213,8 @@ class LoRAAdapter(nn.Module):
             out[f"{name}.lora_B"] = self.lora_B[_key(name)]
         if self.text_delta is not None:
             out[TEXT_IDS], out[TEXT_DELTA] = self.text_ids, self.text_delta
+        if self.new_rows is not None:
+            out[TEXT_NEW_ROWS] = self.new_rows
         return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
     def save(self, directory: PathLike) -> Path:
@@ -219,7 +263,7 @@ class LoRAAdapter(nn.Module):
             if a is None or b is None:
                 raise ValueError(f"{weights}: no lora_A/lora_B for layer {name} listed in {config_path}")
             shapes[name] = (b.shape[0], a.shape[1])
-        n_embd = state[TEXT_DELTA].shape[1] if TEXT_DELTA in state else 0
+        n_embd = next((state[k].shape[1] for k in (TEXT_DELTA, TEXT_NEW_ROWS) if k in state), 0)
         adapter = cls(config, shapes, text_ids, n_embd)
         expected = adapter.tensors()
         problems = state_dict_mismatch(expected, state)
@@ -231,6 +275,8 @@ class LoRAAdapter(nn.Module):
                 adapter.lora_B[_key(name)].copy_(state[f"{name}.lora_B"])
             if adapter.text_delta is not None:
                 adapter.text_delta.copy_(state[TEXT_DELTA])
+            if adapter.new_rows is not None:
+                adapter.new_rows.copy_(state[TEXT_NEW_ROWS])
         adapter.source = str(directory)
         return adapter.to(map_location)
 
@@ -241,8 +287,9 @@ def _key(layer: str) -> str:
 
 class LoRASet:
     """The adapters applied to one model, each with a scale: forward hooks add scale * B A x to the adapted layers'
-    outputs (and the row offsets to the text embedding). `fuse` folds them into the weights; `unload` restores
-    the base weights bit for bit.
+    outputs (and the row offsets to the text embedding) and put the rows of new words (at any scale: they have no
+    base value to scale from) in place. `fuse` folds them into the weights; `unload` restores the base weights and
+    the text-embedding table bit for bit.
 
     `base_sha256`: the hash of the base weights as saved (pass it when the model was cast, e.g. to bfloat16, after
     loading); by default it is computed from the model now."""
@@ -255,6 +302,8 @@ class LoRASet:
         self.base_sha256 = base_sha256 or base_hash(model)
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._originals: dict[str, torch.Tensor] = {}  # weights as they were before the first fuse
+        self._base_rows = self.modules[TEXT_EMBEDDING].num_embeddings
+        self._base_table = None  # (weight, config) before the table first grew for new words
 
     def check(self, adapter: LoRAAdapter, where: str) -> None:
         """The adapter fits this model: same base weights, same kind, its layers exist with its shapes."""
@@ -274,19 +323,61 @@ class LoRASet:
             if shape != tuple(module.weight.shape):
                 raise ValueError(f"LoRA {where}: layer {name} is {shape} in the adapter, {tuple(module.weight.shape)} "
                                  f"in the model")
+        if adapter.new_rows is not None:
+            if getattr(self.model, "text_head", None) is not None:
+                raise ValueError(f"LoRA {where} adds words {adapter.new_words}, but this GPT also writes captions: its "
+                                 f"text head has no rows for new words")
+            width = self.modules[TEXT_EMBEDDING].embedding_dim
+            if adapter.new_rows.shape[1] != width:
+                raise ValueError(f"LoRA {where}: its new text rows are {adapter.new_rows.shape[1]} wide, the model's "
+                                 f"text embedding {width}")
+
+    def check_new_words(self, adapter: LoRAAdapter, name: str) -> None:
+        """No loaded adapter adds one of `adapter`'s new words (an error names both adapters)."""
+        for word in adapter.new_words:
+            for other, (loaded, _) in {**self.fused, **self.adapters}.items():
+                if word in loaded.config.new_words:
+                    raise ValueError(f"LoRA {name!r} ({getattr(adapter, 'source', 'not saved')}) and LoRA {other!r} "
+                                     f"({getattr(loaded, 'source', 'not saved')}) both add the word {word!r}: load "
+                                     f"only one of them")
 
     def add(self, adapter: LoRAAdapter, scale: float, name: str) -> None:
         loaded = {**self.adapters, **self.fused}
         if name in loaded:
             raise ValueError(f"a LoRA named {name!r} is already loaded; pass another name (loaded: {sorted(loaded)})")
-        self.check(adapter, repr(getattr(adapter, "source", name)))
+        where = repr(getattr(adapter, "source", name))
+        self.check(adapter, where)
+        if adapter.new_rows is not None:
+            self.check_new_words(adapter, name)
+            taken = {int(i) for a, _ in {**self.fused, **self.adapters}.values() if a.new_rows is not None
+                     for i in a.new_ids}
+            ids = [int(i) for i in adapter.new_ids]
+            if taken & set(ids) or min(ids) < 1:
+                raise ValueError(f"LoRA {where}: new word ids {ids} are taken or invalid (assign_new_ids)")
         weight = next(self.model.parameters())
         adapter.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else None)
+        if adapter.new_rows is not None:
+            self._grow_text_table(max(ids) + 1)
         self.adapters[name] = (adapter, float(scale))
         for layer in adapter.config.layers:
             self._hook(layer)
-        if adapter.text_delta is not None:
+        if adapter.text_delta is not None or adapter.new_rows is not None:
             self._hook(TEXT_EMBEDDING)
+
+    @torch.no_grad()
+    def _grow_text_table(self, rows: int) -> None:
+        """At least `rows` rows in the text-embedding table (and the model's text_vocab_size): the new ones are zero
+        until the hook (or `fuse`) puts the new words' rows there."""
+        module = self.modules[TEXT_EMBEDDING]
+        if module.num_embeddings >= rows:
+            return
+        if self._base_table is None:
+            self._base_table = (module.weight, self.model.config)
+        weight = module.weight
+        extra = weight.new_zeros(rows - module.num_embeddings, module.embedding_dim)
+        module.weight = nn.Parameter(torch.cat([weight.detach(), extra]), requires_grad=weight.requires_grad)
+        module.num_embeddings = rows
+        self.model.config = dataclasses.replace(self.model.config, text_vocab_size=rows)
 
     def set_scale(self, name: str, scale: float) -> None:
         if name in self.fused:
@@ -306,6 +397,8 @@ class LoRASet:
                 for adapter, scale in self.adapters.values():
                     if scale and adapter.text_delta is not None:
                         output = output + scale * adapter.text_rows(inputs[0]).to(output.dtype)
+                    if adapter.new_rows is not None:
+                        output = adapter.put_new_rows(inputs[0], output)
                 return output
         else:
             def hook(module, inputs, output):
@@ -329,18 +422,26 @@ class LoRASet:
                 weight = self.modules[layer].weight
                 self._originals.setdefault(layer, weight.detach().clone())
                 weight += (scale * adapter.weight_delta(layer)).to(weight.dtype)
-            if adapter.text_delta is not None:
+            if adapter.text_delta is not None or adapter.new_rows is not None:
                 weight = self.modules[TEXT_EMBEDDING].weight
-                self._originals.setdefault(TEXT_EMBEDDING, weight.detach().clone())
+                self._originals.setdefault(TEXT_EMBEDDING, weight[:self._base_rows].detach().clone())
+            if adapter.text_delta is not None:
                 weight[adapter.text_ids] += (scale * adapter.text_delta).to(weight.dtype)
+            if adapter.new_rows is not None:
+                weight[adapter.new_ids] = adapter.new_rows.to(weight.dtype)
         self._remove_hooks()
         self.fused.update(self.adapters)
         self.adapters = {}
 
     @torch.no_grad()
     def unload(self) -> None:
-        """Remove every adapter, fused or not: the base weights are back exactly."""
+        """Remove every adapter, fused or not: the base weights (and text-embedding table) are back exactly."""
         self._remove_hooks()
+        if self._base_table is not None:
+            module = self.modules[TEXT_EMBEDDING]
+            module.weight, self.model.config = self._base_table
+            module.num_embeddings = self._base_rows
+            self._base_table = None
         for layer, original in self._originals.items():
             self.modules[layer].weight.copy_(original)
         self._originals.clear()

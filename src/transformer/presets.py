@@ -51,8 +51,9 @@ TOKENIZER_DEFAULTS: dict[str, Any] = dict(vocab_size=8000)
 DATA_DEFAULTS: dict[str, Any] = dict(resolution=None, shuffle=True)  # resolution None: the VQGAN's
 # LoRA fine-tuning (train.py transformer --init-from BASE --lora RANK): rank null = train the whole model. alpha null
 # = rank; targets: names of tokenpaint.transformer.lora.TARGET_GROUPS or Linear layer names; words: text-embedding
-# rows trained too (the pieces of these words, for words the base never learned).
-LORA_DEFAULTS: dict[str, Any] = dict(rank=None, alpha=None, targets=["attn", "mlp"], words=[])
+# rows trained too (the pieces of these words, for words the base never learned); new_words: words added to the
+# tokenizer as new pieces, with new text-embedding rows trained (for words the base's tokenizer does not have).
+LORA_DEFAULTS: dict[str, Any] = dict(rank=None, alpha=None, targets=["attn", "mlp"], words=[], new_words=[])
 MODEL_KEYS = {"kind", "preset"} | {f.name for cls in CONFIG_CLASSES.values() for f in fields(cls)}
 # Types beyond what the defaults imply, and ranges: checked when the file is read (load_config names file, line, key).
 TRAIN_CHECKS: dict[str, Check] = {
