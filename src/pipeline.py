@@ -27,6 +27,7 @@ from .sampling import (OptionError, SampleOptions, check_option, check_seeds, co
                        outpaint, pixel_mask_to_token_mask, sample)
 from .data.images import resize_center_crop
 from .sampling import sample_caption
+from .sampling.filters import StepCallback
 from .sampling.editing import pixel_mask_to_bool
 from .transformer.lora import DEFAULT_SCALE as LORA_SCALE
 from .transformer.lora import LoRAAdapter, LoRASet, base_hash
@@ -270,12 +271,14 @@ class Pipeline:
         return self.decode(self.generate_ids(prompts, **kwargs))
 
     def generate_ids(self, prompts, num_images: int = 1, seed: int = 0, batch_size: int = 8, negative_prompt=None,
-                     options: Optional[SampleOptions] = None, progress: bool = False, **sample_options) -> torch.Tensor:
+                     options: Optional[SampleOptions] = None, progress: bool = False,
+                     on_step: Optional[StepCallback] = None, **sample_options) -> torch.Tensor:
         """Image ids long [len(prompts) * num_images, h, w] for one prompt or a list of prompts.
 
         negative_prompt: one string for all prompts or one per prompt (replaces the empty prompt of guidance).
         options / sample_options: sampler settings (SampleOptions fields: steps, guidance_scale, top_k, top_p,
         temperature, use_kv_cache, ...); a keyword given as None keeps the pipeline's default.
+        on_step(done, total): decoding steps done of the call's (every batch's steps counted), after each step.
         """
         self.check_direction("t2i")
         prompts = _as_prompt_list(prompts)
@@ -289,11 +292,11 @@ class Pipeline:
             negatives = [n for n in negatives * (len(prompts) // len(negatives)) for _ in range(num_images)]
         rows = [p for p in prompts for _ in range(num_images)]  # prompt-major
         return self.sample_rows(rows, [seed + i for i in range(len(rows))], negatives, batch_size=batch_size,
-                                options=options, progress=progress, **sample_options)
+                                options=options, progress=progress, on_step=on_step, **sample_options)
 
     def sample_rows(self, prompts: Sequence[str], seeds: Sequence[int], negative_prompts=None, batch_size: int = 8,
                     options: Optional[SampleOptions] = None, progress: bool = False,
-                    **sample_options) -> torch.Tensor:
+                    on_step: Optional[StepCallback] = None, **sample_options) -> torch.Tensor:
         """One image per row: row r is prompts[r] sampled with its own generator seeded seeds[r] (negative prompt:
         None = the empty prompt, one string for all rows, or one per row). Rows never depend on each other, so
         rows of different requests can share a batch (tokenpaint.serve does). Sampler settings as in generate_ids.
@@ -308,10 +311,11 @@ class Pipeline:
         text = self.encode_text(prompts)  # [R, T]
         negative = self._negative_ids(negative_prompts, len(prompts))
 
-        def run(rows: slice, generators) -> torch.Tensor:
-            return sample(self.model, text[rows], options, negative_text_ids=negative[rows], generator=generators)
+        def run(rows: slice, generators, on_batch_step) -> torch.Tensor:
+            return sample(self.model, text[rows], options, negative_text_ids=negative[rows], generator=generators,
+                          on_step=on_batch_step)
 
-        return self._batched(list(seeds), batch_size, progress, run)
+        return self._batched(list(seeds), batch_size, progress, run, on_step)
 
     @torch.inference_mode()
     def decode(self, ids: torch.Tensor) -> list[Image.Image]:
@@ -385,7 +389,8 @@ class Pipeline:
     def edit_ids(self, prompt: str, image, mask=None, mode: Optional[str] = None, strength: float = 0.6,
                  seed: int = 0, num_images: int = 1, batch_size: int = 8, keep_rows: Optional[int] = None,
                  offset: Optional[tuple[int, int]] = None, negative_prompt=None,
-                 options: Optional[SampleOptions] = None, progress: bool = False, **sample_options) -> torch.Tensor:
+                 options: Optional[SampleOptions] = None, progress: bool = False,
+                 on_step: Optional[StepCallback] = None, **sample_options) -> torch.Tensor:
         """Edit `image` (PIL or path) under `prompt`; returns num_images images (image i uses seed + i).
 
         mode (default: inpaint with a mask, else img2img for a masked model and continue for a GPT):
@@ -420,10 +425,10 @@ class Pipeline:
         text = self.encode_text([prompt])
         negative = self._negative_ids(negative_prompt, 1)
 
-        def run(rows: slice, generators) -> torch.Tensor:
+        def run(rows: slice, generators, on_batch_step) -> torch.Tensor:
             count = rows.stop - rows.start
             text_ids, known = text.expand(count, -1), known_ids.expand(count, -1, -1)
-            common = dict(negative_text_ids=negative.expand(count, -1), generator=generators)
+            common = dict(negative_text_ids=negative.expand(count, -1), generator=generators, on_step=on_batch_step)
             if mode == "inpaint":
                 return inpaint(self.model, text_ids, known, token_mask, options, **common)
             if mode == "outpaint":
@@ -432,7 +437,7 @@ class Pipeline:
                 return img2img(self.model, text_ids, known, strength, options, **common)
             return continue_image(self.model, text_ids, known, keep_rows, options, **common)
 
-        return self._batched([seed + i for i in range(num_images)], batch_size, progress, run)
+        return self._batched([seed + i for i in range(num_images)], batch_size, progress, run, on_step)
 
     # ------------------------------------------------------------------ helpers
     def _resolve(self, options: Optional[SampleOptions], sample_options: dict) -> SampleOptions:
@@ -445,16 +450,20 @@ class Pipeline:
         for name, value in values.items():
             check_option(name, value)
 
-    def _batched(self, seeds: list, batch_size: int, progress: bool,
-                 run: Callable[[slice, list], torch.Tensor]) -> torch.Tensor:
-        """run(rows, generators) over batches of at most batch_size rows; row i has a generator seeded seeds[i].
-        Returns the ids [len(seeds), h, w]."""
+    def _batched(self, seeds: list, batch_size: int, progress: bool, run: Callable[..., torch.Tensor],
+                 on_step: Optional[StepCallback] = None) -> torch.Tensor:
+        """run(rows, generators, on_batch_step) over batches of at most batch_size rows; row i has a generator seeded
+        seeds[i]. on_step(done, total) counts the steps of all batches (each batch decodes as many steps). Returns
+        the ids [len(seeds), h, w]."""
         total, out = len(seeds), []
+        n_batches = math.ceil(total / batch_size)
         bar = tqdm(total=total, desc="images", disable=not progress)
-        for start in range(0, total, batch_size):
+        for index, start in enumerate(range(0, total, batch_size)):
             rows = slice(start, min(start + batch_size, total))
             generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds[rows]]
-            out.append(run(rows, generators))
+            on_batch_step = None if on_step is None else \
+                (lambda done, steps, index=index: on_step(index * steps + done, n_batches * steps))
+            out.append(run(rows, generators, on_batch_step))
             bar.update(rows.stop - rows.start)
         bar.close()
         return torch.cat(out).view(total, self.tokens_per_side, self.tokens_per_side)

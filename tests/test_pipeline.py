@@ -114,6 +114,19 @@ def test_image_regenerated_alone_equals_image_of_a_batch(pipe):
     assert [png_bytes(x) for x in small_batches] == [png_bytes(x) for x in batched]
 
 
+def test_on_step_counts_the_decoding_steps_of_every_batch(pipe):
+    reported = []
+    ids = pipe.generate_ids(["a red circle"], num_images=3, seed=5, batch_size=2,
+                            on_step=lambda done, total: reported.append((done, total)))
+    per_batch = 4 if pipe.kind == "mim" else 16  # masked steps; GPT tokens (4x4)
+    assert reported == [(done, 2 * per_batch) for done in range(1, 2 * per_batch + 1)]  # two batches
+    assert torch.equal(ids, pipe.generate_ids(["a red circle"], num_images=3, seed=5, batch_size=2))
+    edits = []
+    pipe.edit_ids("a red circle", random_image(), mode="continue", keep_rows=2, num_images=1, seed=0,
+                  on_step=lambda done, total: edits.append((done, total)))
+    assert edits[-1][0] == edits[-1][1] and len(edits) == (4 if pipe.kind == "mim" else 8)  # GPT: 2 rows of 4 left
+
+
 def test_uncached_gpt_matches_cached(pipes):
     pipe = pipes["gpt"]
     cached = pipe.generate_ids(["a red circle", "a blue star"], num_images=2, seed=0)

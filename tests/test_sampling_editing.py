@@ -45,10 +45,14 @@ def test_inpaint_keeps_known_tokens_and_changes_the_region(model_cls):
     init = torch.zeros(2, n, dtype=torch.long)
     region = torch.zeros(n, dtype=torch.bool)
     region[n // 2 :] = True
-    out = inpaint(model, TEXT, init, region, generator=gen(0), temperature=3.0)
-    assert torch.equal(out[:, ~region], init[:, ~region])
-    # the region is sampled anew: most of its tokens differ from the all-zero input (one changed token is not enough)
-    assert (out[:, region] != 0).float().mean() >= 0.5
+    changed = []
+    for seed in range(8):
+        out = inpaint(model, TEXT, init, region, generator=gen(seed), temperature=3.0)
+        assert torch.equal(out[:, ~region], init[:, ~region])
+        changed.append((out[:, region] != 0).float().mean().item())
+    # the region is sampled anew: a kept region would change no token. The stand-ins draw id 0 there with
+    # probability ~0.5 (GPT) and ~0.15 (masked), so over 8 seeds well over a quarter of the tokens differ
+    assert sum(changed) / len(changed) >= 0.25
 
 
 def test_outpaint_places_known_tokens_and_generates_the_rest():

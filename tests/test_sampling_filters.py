@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tokenpaint.sampling import apply_guidance, filter_logits, gumbel_noise, mask_by_random_topk
-from tokenpaint.sampling.filters import multinomial_last_dim, sample_from_logits
+from tokenpaint.sampling.filters import categorical, multinomial_last_dim, sample_from_logits
 from tokenpaint.sampling.guidance import prepare_text_pair
 
 
@@ -108,6 +108,21 @@ def test_per_row_generators_make_rows_independent_of_the_batch():
     assert draws.shape == (3, 5) and torch.equal(draws[1:2], alone)
     with pytest.raises(ValueError, match="generator"):
         gumbel_noise((2, 7), gens)
+
+
+def test_categorical_draws_each_id_with_its_probability_and_never_a_zero_one():
+    probs = torch.tensor([[0.1, 0.0, 0.3, 0.6, 0.0], [0.0, 2.0, 0.0, 0.0, 2.0]])  # the second unnormalised
+    u = torch.rand(2, 200_000, generator=torch.Generator().manual_seed(0))
+    ids = categorical(probs[:, None].expand(-1, u.shape[1], -1), u)
+    freq = torch.stack([torch.bincount(row, minlength=5) for row in ids]).float() / u.shape[1]
+    assert torch.allclose(freq, probs / probs.sum(-1, keepdim=True), atol=0.005)
+    assert freq[0, 1] == 0 and freq[0, 4] == 0 and freq[1, [0, 2, 3]].sum() == 0
+    edges = torch.tensor([[0.0, 1 - 2**-24], [0.0, 1 - 2**-24]])  # the smallest and largest torch.rand values
+    assert categorical(probs[:, None].expand(-1, 2, -1), edges).tolist() == [[0, 3], [1, 4]]
+    with pytest.raises(ValueError, match="shape of probs"):
+        categorical(probs, torch.rand(3))
+    with pytest.raises(ValueError, match="positive total"):
+        categorical(torch.zeros(1, 5), torch.rand(1))
 
 
 def test_mask_by_random_topk_exact_counts_and_never_masks_infinite_confidence():

@@ -176,3 +176,15 @@ def test_pipeline_sample_config_and_cli_reach_the_decoder(tmp_path, monkeypatch,
     with pytest.raises(SystemExit):
         generate.main(["--model", str(run), "--prompt", "x", "--jacobi-window", "4", "--no-kv-cache"])
     assert "--jacobi-window" in capsys.readouterr().err
+
+
+def test_on_step_reports_the_tokens_every_row_has():
+    model = sharpened_gpt()
+    text, _ = random_batch(batch=3)
+    reported = []
+    sample_autoregressive(model, text, generator=generators(3), jacobi_window=4,
+                          on_step=lambda done, total: reported.append((done, total)))
+    n = SIDE * SIDE
+    assert reported[-1] == (n, n) and all(total == n for _, total in reported)
+    done = [d for d, _ in reported]
+    assert done == sorted(done) and len(done) < n  # a pass gains at least one token, often more

@@ -278,6 +278,43 @@ def test_failing_batch_fails_only_its_requests_and_full_queue_is_503(pipes):
         server.stop()
 
 
+def test_progress_reports_the_running_batch(pipes):
+    pipe = pipes["mim"][0]  # 4 decoding steps, one model call each
+    calls, reached, release = [0], threading.Event(), threading.Event()
+
+    def hold_third_step(module, args):
+        calls[0] += 1
+        if calls[0] == 3:  # two of the four steps are done
+            reached.set()
+            release.wait(30)
+
+    server = serve(pipes, "mim", max_wait_ms=0, cache_size=0)
+    handle = pipe.model.register_forward_pre_hook(hold_third_step)
+    try:
+        idle = server.call("GET", "/sdapi/v1/progress")[2]
+        assert idle["progress"] == 0.0 and idle["eta_relative"] == 0.0 and idle["state"]["job_count"] == 0
+        result = {}
+        body = {"prompt": "a red circle", "seed": 3, "batch_size": 2}
+        client = threading.Thread(target=lambda: result.update(out=server.call("POST", "/sdapi/v1/txt2img", body)))
+        client.start()
+        assert reached.wait(30)
+        time.sleep(0.05)
+        _, _, running = server.call("GET", "/sdapi/v1/progress")
+        assert running["progress"] == 0.5 and running["eta_relative"] > 0  # as long again as it took so far
+        state = running["state"]
+        assert (state["sampling_step"], state["sampling_steps"], state["job_count"], state["job"]) == (2, 4, 1, "busy")
+        assert len(state["job_timestamp"]) == 14 and running["current_image"] is None
+        release.set()
+        client.join(60)
+        assert result["out"][0] == 200
+        done = server.call("GET", "/sdapi/v1/progress")[2]
+        assert done["progress"] == 0.0 and done["state"]["job_count"] == 0 and done["state"]["sampling_steps"] == 0
+    finally:
+        release.set()
+        handle.remove()
+        server.stop()
+
+
 def test_api_auth(pipes):
     server = serve(pipes, "mim", api_auth="alice:s3cret")
     try:

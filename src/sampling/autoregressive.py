@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..transformer.presets import SAMPLE_DEFAULTS as D
-from .filters import Generators, check_generators, known_tokens, sample_from_logits
+from .filters import Generators, StepCallback, check_generators, known_tokens, sample_from_logits
 from .guidance import double_for_guidance, guidance_enabled, prepare_text_pair, split_guidance
 from .jacobi import JacobiDecoder
 
@@ -40,6 +40,7 @@ def sample_autoregressive(
     known_mask: Optional[torch.Tensor] = None,
     jacobi_window: int = D["jacobi_window"],
     progress: bool = False,
+    on_step: Optional[StepCallback] = None,
 ) -> torch.Tensor:
     """Sample image ids [B, N] from a GPT conditioned on text_ids [B, T].
 
@@ -51,6 +52,7 @@ def sample_autoregressive(
     generator: one torch.Generator for the batch, or a list with one per row.
     jacobi_window W > 1: speculative Jacobi decoding (sampling/jacobi.py): W draft tokens per row verified in one
     cached pass, fewer passes, the same distribution as one-token sampling (not the same ids for a seed).
+    on_step(done, total): called after each token (each Jacobi pass) with the tokens decoded and to decode.
     """
     batch, device = text_ids.shape[0], text_ids.device
     n_tokens = num_image_tokens(model)
@@ -80,7 +82,7 @@ def sample_autoregressive(
         decoder = JacobiDecoder(model, text_in, prefix_ids, window=jacobi_window, use_guidance=use_guidance,
                                 guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
                                 generator=generator, known=known, forced=forced)
-        return decoder.run(progress)
+        return decoder.run(progress, on_step)
     steps = range(start, n_tokens)
     if progress:
         steps = tqdm(steps, desc="tokens", leave=False)
@@ -100,6 +102,8 @@ def sample_autoregressive(
         if known is not None:
             token = torch.where(known[:, pos], forced[:, pos], token)
         ids = torch.cat([ids, token.unsqueeze(1)], dim=1)  # [B, pos+1]
+        if on_step is not None:
+            on_step(pos + 1 - start, n_tokens - start)
         if use_kv_cache and pos + 1 < n_tokens:
             logits, cache = model.decode_step(double_for_guidance(token, use_guidance), pos, cache)
     return ids

@@ -16,7 +16,7 @@ from einops import rearrange, reduce
 
 from .autoregressive import num_image_tokens
 from .dispatch import sample
-from .filters import Generators, uniform_noise
+from .filters import Generators, StepCallback, uniform_noise
 from .options import SampleOptions
 
 
@@ -65,21 +65,22 @@ def _options(options: Optional[SampleOptions], overrides: dict) -> SampleOptions
 
 
 def inpaint(model, text_ids, init_ids, token_mask, options: Optional[SampleOptions] = None, *,
-            negative_text_ids=None, generator: Generators = None, **overrides) -> torch.Tensor:
+            negative_text_ids=None, generator: Generators = None, on_step: Optional[StepCallback] = None,
+            **overrides) -> torch.Tensor:
     """Regenerate the tokens where token_mask is True ([N], [B, N] or [B, h, w]); the others are kept exactly.
 
     Masked model: MaskGIT decoding started from init_ids with the region masked. GPT: raster-order sampling with the
     known tokens forced (each new token sees the known tokens above and to its left). Sampler settings: `options`
-    and/or SampleOptions fields as keywords (steps=8, ...).
+    and/or SampleOptions fields as keywords (steps=8, ...). on_step: as `sample`'s, here and in the helpers below.
     """
     token_mask = torch.as_tensor(token_mask, dtype=torch.bool, device=init_ids.device)
     return sample(model, text_ids, _options(options, overrides), negative_text_ids=negative_text_ids,
-                  generator=generator, init_ids=_flat(init_ids), known_mask=~token_mask)
+                  generator=generator, init_ids=_flat(init_ids), known_mask=~token_mask, on_step=on_step)
 
 
 def outpaint(model, text_ids, known_ids, options: Optional[SampleOptions] = None, *, top: Optional[int] = None,
              left: Optional[int] = None, negative_text_ids=None, generator: Generators = None,
-             **overrides) -> torch.Tensor:
+             on_step: Optional[StepCallback] = None, **overrides) -> torch.Tensor:
     """Extend a smaller token grid known_ids [B, hk, wk] to the model's full canvas.
 
     The known tokens are placed with their top-left corner at token (top, left) (default: centred) and kept; the rest
@@ -100,7 +101,7 @@ def outpaint(model, text_ids, known_ids, options: Optional[SampleOptions] = None
     regenerate = torch.ones(side, side, dtype=torch.bool, device=known_ids.device)
     regenerate[top : top + hk, left : left + wk] = False
     return inpaint(model, text_ids, canvas, regenerate.flatten(), _options(options, overrides),
-                   negative_text_ids=negative_text_ids, generator=generator)
+                   negative_text_ids=negative_text_ids, generator=generator, on_step=on_step)
 
 
 def random_token_mask(batch: int, n_tokens: int, strength: float, generator: Generators, device=None) -> torch.Tensor:
@@ -114,7 +115,8 @@ def random_token_mask(batch: int, n_tokens: int, strength: float, generator: Gen
 
 
 def img2img(model, text_ids, init_ids, strength: float = 0.6, options: Optional[SampleOptions] = None, *,
-            negative_text_ids=None, generator: Generators = None, **overrides) -> torch.Tensor:
+            negative_text_ids=None, generator: Generators = None, on_step: Optional[StepCallback] = None,
+            **overrides) -> torch.Tensor:
     """Masked model only: re-mask a `strength` fraction of the tokens at random and decode them in
     ceil(strength * steps) steps. strength 1 is plain generation; small strengths stay close to the input."""
     if model.config.kind != "mim":
@@ -124,11 +126,12 @@ def img2img(model, text_ids, init_ids, strength: float = 0.6, options: Optional[
     regenerate = random_token_mask(init_ids.shape[0], init_ids.shape[1], strength, generator, device=init_ids.device)
     run_steps = max(1, math.ceil(strength * options.steps))
     return sample(model, text_ids, options.replace(steps=run_steps), negative_text_ids=negative_text_ids,
-                  generator=generator, init_ids=init_ids, known_mask=~regenerate)
+                  generator=generator, init_ids=init_ids, known_mask=~regenerate, on_step=on_step)
 
 
 def continue_image(model, text_ids, init_ids, keep_rows: int, options: Optional[SampleOptions] = None, *,
-                   negative_text_ids=None, generator: Generators = None, **overrides) -> torch.Tensor:
+                   negative_text_ids=None, generator: Generators = None, on_step: Optional[StepCallback] = None,
+                   **overrides) -> torch.Tensor:
     """Keep the top `keep_rows` token rows of init_ids and generate the rest (GPT: as a prefix; masked model: as
     known tokens)."""
     side = int(math.isqrt(num_image_tokens(model)))
@@ -140,9 +143,9 @@ def continue_image(model, text_ids, init_ids, keep_rows: int, options: Optional[
     if model.config.kind == "mim":
         regenerate = torch.arange(side * side, device=init_ids.device) >= n_keep
         return inpaint(model, text_ids, init_ids, regenerate, options, negative_text_ids=negative_text_ids,
-                       generator=generator)
+                       generator=generator, on_step=on_step)
     return sample(model, text_ids, options, negative_text_ids=negative_text_ids, generator=generator,
-                  prefix_ids=init_ids[:, :n_keep])
+                  prefix_ids=init_ids[:, :n_keep], on_step=on_step)
 
 
 __all__ = [

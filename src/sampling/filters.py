@@ -7,11 +7,13 @@ happen to share its batch.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
 Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
+# on_step(done, total): called by a sampler after each decoding step (masked steps, tokens, Jacobi passes)
+StepCallback = Callable[[int, int], None]
 
 
 def check_generators(generator: Generators, batch: int) -> None:
@@ -103,23 +105,42 @@ def uniform_noise(shape: Sequence[int], generator: Generators, device=None) -> t
 
 def gumbel_noise(shape: Sequence[int], generator: Generators, device=None) -> torch.Tensor:
     """Standard Gumbel noise -log(-log(u)), u ~ U(0,1) drawn from `generator` (clamped away from 0 and 1)."""
-    u = uniform_noise(shape, generator, device=device)
+    return gumbel_from_uniform(uniform_noise(shape, generator, device=device))
+
+
+def gumbel_from_uniform(u: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise -log(-log(u)) from U(0,1) noise u (clamped away from 0 and 1), float32."""
+    u = u.float()
     tiny = torch.finfo(u.dtype).tiny
     return -torch.log(-torch.log(u.clamp(tiny, 1.0 - 1e-7)))
 
 
-def multinomial_last_dim(probs: torch.Tensor, generator: Generators) -> torch.Tensor:
-    """One draw per distribution over the last dim: probs [B, ..., V] -> ids [B, ...] (long).
+def categorical(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One draw per distribution over the last dim by inverting its cumulative sum with one uniform each:
+    probs [..., V] (non-negative, any positive total) and u [...] in [0, 1) -> ids [...] (long).
 
-    With a list of generators, row b is drawn with generator[b] alone.
+    The id drawn is the first whose cumulative mass exceeds u * total: each id is drawn with probability p / total
+    (up to float32 round-off, ~1e-6, as torch.multinomial), an id of probability 0 never. One random number per draw,
+    not one per id as torch.multinomial's exponential race takes, so a batch of [B, N, V] distributions costs B * N
+    random numbers and one cumulative sum.
     """
-    lead = probs.shape[:-1]
-    if isinstance(generator, (list, tuple)):
-        check_generators(generator, probs.shape[0])
-        draws = [torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=g) for p, g in zip(probs, generator)]
-        return torch.stack(draws).reshape(lead)
-    flat = probs.reshape(-1, probs.shape[-1])  # [(B ...), V]
-    return torch.multinomial(flat, 1, generator=generator).reshape(lead)
+    if u.shape != probs.shape[:-1]:
+        raise ValueError(f"categorical: u {tuple(u.shape)} must have the shape of probs without its last dim "
+                         f"{tuple(probs.shape[:-1])}")
+    cdf = probs.float().cumsum(dim=-1)
+    total = cdf[..., -1:]
+    if not (torch.isfinite(total) & (total > 0)).all():
+        raise ValueError("categorical: every distribution needs a finite, positive total probability")
+    # u * total < total, so a draw never runs past the last id of positive probability
+    target = torch.minimum(u.to(cdf).unsqueeze(-1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
+
+
+def multinomial_last_dim(probs: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """One draw per distribution over the last dim: probs [B, ..., V] -> ids [B, ...] (long), by `categorical` with
+    one uniform per draw. With a list of generators, row b's uniforms come from generator[b] alone.
+    """
+    return categorical(probs, uniform_noise(probs.shape[:-1], generator, device=probs.device))
 
 
 def sample_from_logits(
@@ -128,12 +149,16 @@ def sample_from_logits(
     temperature: float = 1.0,
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
+    uniform: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Temperature, top-k/top-p, then one multinomial draw per row: logits [B, ..., V] -> (ids [B, ...], probs).
+    """Temperature, top-k/top-p, then one draw per distribution: logits [B, ..., V] -> (ids [B, ...], probs).
 
-    probs are the filtered, tempered probabilities the ids were drawn from (float32).
+    probs are the filtered, tempered probabilities the ids were drawn from (float32). uniform [B, ...]: U(0,1) noise
+    the caller drew already (then `generator` is not used), else one uniform per draw from `generator`.
     """
     probs = filtered_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    if uniform is not None:
+        return categorical(probs, uniform), probs
     return multinomial_last_dim(probs, generator), probs
 
 
@@ -146,14 +171,17 @@ def filtered_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: Option
 
 
 def mask_by_random_topk(
-    mask_len: torch.Tensor, confidence: torch.Tensor, temperature: float, generator: Generators
+    mask_len: torch.Tensor, confidence: torch.Tensor, temperature: float, generator: Generators = None,
+    noise: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """MaskGIT's re-masking rule: mask the `mask_len[b]` positions of row b with the lowest log(confidence) + tau*Gumbel.
 
-    confidence [B, N] are probabilities (+inf = never masked), mask_len long [B]. Returns bool [B, N] with exactly
-    mask_len[b] True entries in row b (ties broken by position, so the count is exact).
+    confidence [B, N] are probabilities (+inf = never masked), mask_len long [B]. noise [B, N]: standard Gumbel noise
+    the caller drew already (then `generator` is not used), else drawn from `generator`. Returns bool [B, N] with
+    exactly mask_len[b] True entries in row b (ties broken by position, so the count is exact).
     """
-    noise = gumbel_noise(confidence.shape, generator, device=confidence.device)
+    if noise is None:
+        noise = gumbel_noise(confidence.shape, generator, device=confidence.device)
     score = torch.log(confidence.float()) + temperature * noise
     order = torch.argsort(score, dim=-1, stable=True)  # ascending: least confident first
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
@@ -161,9 +189,12 @@ def mask_by_random_topk(
 
 
 __all__ = [
+    "StepCallback",
     "filter_logits",
     "gumbel_noise",
+    "gumbel_from_uniform",
     "uniform_noise",
+    "categorical",
     "multinomial_last_dim",
     "sample_from_logits",
     "filtered_probs",

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from .filters import Generators, filtered_probs, multinomial_last_dim, uniform_noise
+from .filters import Generators, StepCallback, filtered_probs, multinomial_last_dim, uniform_noise
 from .guidance import double_for_guidance, split_guidance
 
 
@@ -45,6 +45,7 @@ class JacobiDecoder:
         self.use_guidance, self.scale = use_guidance, guidance_scale
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         batch, start = prefix_ids.shape
+        self.prefix_len = start
         self.n_tokens = int(model.config.image_size) ** 2
         device = prefix_ids.device
         self.known = known if known is not None else torch.zeros(batch, self.n_tokens, dtype=torch.bool, device=device)
@@ -70,12 +71,16 @@ class JacobiDecoder:
         """The first position some row has not accepted (the cache holds every position before start - 1)."""
         return int(self.accepted.min())
 
-    def run(self, progress: bool = False) -> torch.Tensor:
+    def run(self, progress: bool = False, on_step: Optional[StepCallback] = None) -> torch.Tensor:
+        """Decode to the end; on_step(tokens past the prefix every row has, tokens past the prefix) after each pass
+        (the first token, drawn from the prefill, counts from the first pass on)."""
         bar = tqdm(total=self.n_tokens, initial=self.start, desc="tokens", leave=False, disable=not progress)
         while not self.done:
             before = self.start
             self.step()
             bar.update(min(self.start, self.n_tokens) - before)
+            if on_step is not None:
+                on_step(min(self.start, self.n_tokens) - self.prefix_len, self.n_tokens - self.prefix_len)
         bar.close()
         return self.ids
 

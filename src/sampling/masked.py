@@ -4,6 +4,10 @@ Per step t of T (r = (t+1)/T): predict every masked position, sample a token the
 (known and already fixed tokens: +inf), keep `floor(U * gamma(r))` of them masked (U = unknown tokens at the start,
 which is N for an all-masked start), clamped to [1, unknown now - 1], 0 at the final step, choosing the least
 confident by log p + tau * Gumbel with tau = choice_temperature * (1 - r).
+
+Randomness: each row draws all its noise in one go, up front: U(0,1) [steps, 2, N] from its generator (step t's
+token draws by inverse CDF, then the uniforms of its choice noise). A row's draws are thus fixed by its own seed,
+whatever shares its batch, and a batch of B rows costs B generator calls per image, not one per row, step and id.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from tqdm.auto import tqdm
 from ..transformer.presets import SAMPLE_DEFAULTS as D
 from ..transformer.schedule import check_mask_schedule, mask_ratio  # one schedule for training and sampling
 from .autoregressive import num_image_tokens
-from .filters import Generators, check_generators, known_tokens, mask_by_random_topk, sample_from_logits
+from .filters import (Generators, StepCallback, check_generators, gumbel_from_uniform, known_tokens,
+                      mask_by_random_topk, sample_from_logits, uniform_noise)
 from .guidance import check_guidance_schedule, double_for_guidance, guidance_at, guidance_enabled, prepare_text_pair
 from .guidance import split_guidance
 
@@ -59,12 +64,14 @@ def sample_masked(
     init_ids: Optional[torch.Tensor] = None,
     known_mask: Optional[torch.Tensor] = None,
     progress: bool = False,
+    on_step: Optional[StepCallback] = None,
 ) -> torch.Tensor:
     """Sample image ids [B, N] from a MaskedTransformer conditioned on text_ids [B, T].
 
     init_ids [B, N] (or [B, h, w]) with known_mask bool ([N], [B, N] or [B, h, w]): the known tokens are kept
     as they are; the others start masked and are decoded. Without them decoding starts all-masked.
     generator: one torch.Generator for the batch, or a list with one per row.
+    on_step(done, steps): called after each decoding step (a batch with nothing left to decode reports steps, steps).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -81,22 +88,28 @@ def sample_masked(
 
     ids = initial_ids(init_ids, known_mask, batch, n_tokens, mask_id, device)
     n_unknown_start = (ids == mask_id).sum(dim=1)  # [B]
+    noise = uniform_noise((batch, steps, 2, n_tokens), generator, device=device)  # every draw of the call, per row
     loop = tqdm(range(steps), desc="steps", leave=False) if progress else range(steps)
     for step in loop:
         masked = ids == mask_id  # [B, N]
         if not masked.any():
+            if on_step is not None:
+                on_step(steps, steps)
             break
         logits, _ = model(text_in, double_for_guidance(ids, use_guidance))  # [B or 2B, N, V]
         scale = guidance_at(step, steps, guidance_scale, guidance_schedule)
         guided = split_guidance(logits, scale, use_guidance)  # [B, N, V]
-        sampled, probs = sample_from_logits(guided, generator, temperature=temperature, top_k=top_k)
+        sampled, probs = sample_from_logits(guided, None, temperature=temperature, top_k=top_k,
+                                            uniform=noise[:, step, 0])
         sampled = torch.where(masked, sampled, ids)
         confidence = probs.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)  # p(sampled token) [B, N]
         confidence = torch.where(masked, confidence, torch.full_like(confidence, math.inf))
         keep = keep_masked_count(step, steps, n_unknown_start, masked.sum(dim=1), gamma)
         tau = choice_temperature * (1.0 - (step + 1) / steps)
-        remask = mask_by_random_topk(keep, confidence, tau, generator)
+        remask = mask_by_random_topk(keep, confidence, tau, noise=gumbel_from_uniform(noise[:, step, 1]))
         ids = torch.where(remask, torch.full_like(sampled, mask_id), sampled)
+        if on_step is not None:
+            on_step(step + 1, steps)
     return ids
 
 

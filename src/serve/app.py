@@ -39,8 +39,9 @@ class ServerState:
         self.version = __version__
         self.metrics = Metrics()
         self.cache = ResultCache(settings.cache_size)
-        self.batcher = Batcher(run or (lambda jobs: run_jobs(pipe, jobs, settings.max_batch)), settings.max_batch,
-                               settings.max_wait_ms, settings.queue_size, self.metrics, settings.threads)
+        run = run or (lambda jobs: run_jobs(pipe, jobs, settings.max_batch, on_step=self.batcher.report_step))
+        self.batcher = Batcher(run, settings.max_batch, settings.max_wait_ms, settings.queue_size, self.metrics,
+                               settings.threads)
         self.metrics.queue_depth = self.batcher.depth
         self._hash: Optional[str] = None
 

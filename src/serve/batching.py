@@ -3,7 +3,8 @@
 One worker thread runs the model. It takes the oldest waiting job, waits up to `max_wait_ms` (from that job's
 arrival) for more jobs with the same batch key until `max_batch` images are collected, and runs them as one batch.
 Jobs with other keys keep their place. An exception fails only the jobs of its batch. Requests are answered through
-asyncio futures on the event loop that submitted them.
+asyncio futures on the event loop that submitted them. The running batch's decoding steps are reported to
+`report_step` (the sampler's on_step), which `progress()` turns into a fraction and an ETA.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ class Batcher:
         self.pending: deque = deque()
         self.cond = threading.Condition()
         self.closing = False
-        self.running_images = 0
+        self.running_images = self.running_jobs = 0
+        self.batch_started = 0.0  # time.monotonic() when the running batch started
+        self.step = (0, 0)  # decoding steps done, steps in all, of the running batch
         self.batch_seconds = 1.0  # running mean of a batch's duration, for Retry-After
         self.thread = threading.Thread(target=self._loop, name="tokenpaint-model", daemon=True)
 
@@ -43,6 +46,21 @@ class Batcher:
             self.cond.notify_all()
         if self.thread.is_alive():
             self.thread.join(timeout)
+
+    def report_step(self, done: int, total: int) -> None:
+        """The sampler's on_step for the running batch (called on the worker thread)."""
+        self.step = (done, total)
+
+    def progress(self) -> tuple[float, float, int, int]:
+        """(fraction of the running batch's decoding steps done, seconds it still needs at its pace so far,
+        steps done, steps in all); zeros when no batch runs."""
+        (done, total), images = self.step, self.running_images
+        if not images or not total:
+            return 0.0, 0.0, 0, 0
+        fraction = done / total
+        elapsed = time.monotonic() - self.batch_started
+        eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
+        return fraction, eta, done, total
 
     def retry_after(self) -> int:
         return max(1, math.ceil(self.batch_seconds * (1 + len(self.pending) / self.max_batch)))
@@ -106,14 +124,15 @@ class Batcher:
             if group is None:
                 return
             images = sum(job.size for job in group)
-            self.running_images = images
+            self.step, self.batch_started = (0, 0), time.monotonic()
+            self.running_images, self.running_jobs = images, len(group)
             start = time.perf_counter()
             try:
                 results, error = self.run(group), None
             except Exception as e:  # fails this batch's requests only
                 results, error = None, e
             self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * (time.perf_counter() - start)
-            self.running_images = 0
+            self.running_images, self.running_jobs, self.step = 0, 0, (0, 0)
             if self.metrics is not None:
                 self.metrics.batch(images, failed=error is not None)
             for i, job in enumerate(group):

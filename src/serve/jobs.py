@@ -140,8 +140,9 @@ def check_edit(pipe, edit: Edit, fields: dict) -> None:
         raise RequestError(422, f"keep_rows must be in [0, {side}], got {edit.keep_rows}", fields["keep_rows"])
 
 
-def run_jobs(pipe, jobs: list[Job], batch_size: int) -> list[list[str]]:
-    """Sample every job's rows (one call: rows of different jobs share batches) -> base64 PNGs per job."""
+def run_jobs(pipe, jobs: list[Job], batch_size: int, on_step=None) -> list[list[str]]:
+    """Sample every job's rows (one call: rows of different jobs share batches) -> base64 PNGs per job.
+    on_step(done, total): the decoding steps of the call, as Pipeline reports them."""
     options = dict(jobs[0].options)
     with pipe.lora_scales(dict(options.pop("lora", ()))):  # this batch's adapter scales (the jobs share them)
         if jobs[0].edit is not None:
@@ -149,12 +150,12 @@ def run_jobs(pipe, jobs: list[Job], batch_size: int) -> list[list[str]]:
             e = job.edit
             ids = pipe.edit_ids(job.prompts[0], e.image, mask=e.mask, mode=e.mode, strength=e.strength,
                                 seed=job.seeds[0], num_images=job.size, batch_size=batch_size, keep_rows=e.keep_rows,
-                                negative_prompt=job.negatives[0] or None, **options)
+                                negative_prompt=job.negatives[0] or None, on_step=on_step, **options)
             return [[encode_png(im) for im in pipe.decode(ids)]]
         prompts = [p for job in jobs for p in job.prompts]
         seeds = [s for job in jobs for s in job.seeds]
         negatives = [n for job in jobs for n in job.negatives]
-        ids = pipe.sample_rows(prompts, seeds, negatives, batch_size=batch_size, **options)
+        ids = pipe.sample_rows(prompts, seeds, negatives, batch_size=batch_size, on_step=on_step, **options)
     images = [encode_png(im) for im in pipe.decode(ids)]
     out, start = [], 0
     for job in jobs:

@@ -148,11 +148,17 @@ def build_router(state, dependencies) -> APIRouter:
 
     @router.get("/progress")
     async def progress():
-        running = state.batcher.running_images
-        return {"progress": 0.0, "eta_relative": 0.0, "current_image": None, "textinfo": None,
+        """The running batch: the fraction of its decoding steps done and the seconds it still needs at its pace."""
+        batcher = state.batcher
+        fraction, eta, done, total = batcher.progress()
+        running = batcher.running_jobs
+        started = time.time() - (time.monotonic() - batcher.batch_started)
+        return {"progress": round(fraction, 4), "eta_relative": round(eta, 3), "current_image": None,
+                "textinfo": None,
                 "state": {"skipped": False, "interrupted": False, "job": "busy" if running else "",
-                          "job_count": state.batcher.depth() + (1 if running else 0), "job_timestamp": "0",
-                          "job_no": 0, "sampling_step": 0, "sampling_steps": 0}}
+                          "job_count": batcher.depth() + running,
+                          "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(started)) if running else "0",
+                          "job_no": 0, "sampling_step": done, "sampling_steps": total}}
 
     @router.get("/scripts")
     async def scripts():
