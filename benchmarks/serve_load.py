@@ -8,6 +8,12 @@ sends the same N one-image requests (distinct seeds, prompts from the demo's, al
 their ratio, P50/P95/P99 latency under load, failures (any non-200 or connection error), the mean batch size the
 queue formed (from /metrics), and the server's exit status after SIGTERM. Bounded: N requests per phase and
 `--time-limit` seconds per phase (a phase cut by the limit says so and counts what it served).
+
+Then, unless --no-breakdown, where an image's time goes, measured in this process with the server's thread count
+once the server has stopped: sampling one image and a full batch (`Pipeline.sample_rows`, the server's call), the
+model's forward pass alone at those sizes (masked model: one decoding step, the batch doubled for guidance), and
+VQGAN decoding + PNG per image (one at a time, as the server does). Their `ceiling` is the served ratio if HTTP and
+waiting cost nothing: (sample 1 + decode) / (sample batch / batch + decode).
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+
+from _common import timed
 
 PROMPTS = ["a large red circle on the left", "a small blue square on the right", "a green triangle in the middle",
            "a large yellow square at the top", "左边一个大的红色圆形", "a small purple circle at the bottom",
@@ -144,6 +152,40 @@ def bench_model(model: str, args) -> dict:
                 exit_status=exit_status)
 
 
+def breakdown(model: str, args) -> dict:
+    """Sampling 1 vs --max-batch images, the forward pass alone (masked model) and decode + PNG per image, in ms."""
+    import torch
+
+    from tokenpaint import Pipeline
+    from tokenpaint.serve.images import encode_png
+
+    torch.set_num_threads(args.threads)
+    pipe = Pipeline.from_pretrained(model)
+    batch = args.max_batch
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+
+    def sample(n: int):
+        return pipe.sample_rows(prompts[:n], [1000 + i for i in range(n)], batch_size=n)
+
+    out = dict(one=timed(lambda: sample(1))[0] * 1000, full=timed(lambda: sample(batch))[0] * 1000)
+    ids = sample(batch)
+    out["decode"] = timed(lambda: [encode_png(image) for image in pipe.decode(ids)])[0] * 1000 / batch
+    out["ceiling"] = (out["one"] + out["decode"]) / (out["full"] / batch + out["decode"])
+    if pipe.kind == "mim":
+        model, steps = pipe.model, pipe.options.steps
+        rows = 2 if pipe.options.guidance_scale not in (0.0, 1.0) else 1
+
+        def forward(n: int):
+            text = pipe.encode_text(prompts[:n] * rows)
+            masked = torch.full((n * rows, model.config.num_image_tokens), model.mask_token_id, dtype=torch.long)
+            with torch.inference_mode():
+                model(text, masked)
+
+        out["forward_one"], out["forward_full"] = (timed(lambda n=n: forward(n), repeats=5)[0] * 1000 * steps
+                                                    for n in (1, batch))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", nargs="+", default=["demo/mim", "demo/gpt"], metavar="RUN_DIR")
@@ -154,6 +196,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="the server's torch threads")
     p.add_argument("--time-limit", type=float, default=300, help="seconds per phase at most")
     p.add_argument("--timeout", type=float, default=60, help="seconds per request before it counts as failed")
+    p.add_argument("--no-breakdown", action="store_true", help="skip the per-image time breakdown")
     args = p.parse_args(argv)
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"# serve_load: {args.clients} clients x {args.requests} requests, max-batch {args.max_batch}, "
@@ -173,6 +216,17 @@ def main(argv=None) -> int:
         if r["exit_status"] != 0:
             print(f"#   the server exited with {r['exit_status']} after SIGTERM")
         ok = ok and r["failures"] == 0 and r["exit_status"] == 0
+    if not args.no_breakdown:
+        b = args.max_batch
+        print(f"\n| model | sample 1 image | sample {b} images | forward x steps: 1 / {b} images | decode + PNG per "
+              f"image | ceiling |")
+        print("|---|---|---|---|---|---|")
+        for model in args.model:
+            t = breakdown(model, args)
+            forward = (f"{t['forward_one']:.0f} / {t['forward_full']:.0f} ms "
+                       f"({t['forward_full'] / t['forward_one']:.1f}x)") if "forward_one" in t else "-"
+            print(f"| {model} | {t['one']:.0f} ms | {t['full']:.0f} ms ({t['full'] / t['one']:.1f}x) | {forward} | "
+                  f"{t['decode']:.1f} ms | {t['ceiling']:.1f}x |", flush=True)
     return 0 if ok else 1
 
 
