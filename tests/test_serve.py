@@ -344,6 +344,40 @@ def test_page_editor_value_becomes_a_mask():
     assert editor_mask(None) == (None, None)
 
 
+def test_a_batch_is_finished_while_the_next_one_samples():
+    import asyncio
+
+    from tokenpaint.serve.batching import Batcher
+    from tokenpaint.serve.jobs import Job
+
+    second_sampled = threading.Event()
+
+    def run(jobs):  # the model thread
+        if jobs[0].prompts[0] == "b":
+            second_sampled.set()
+        return [job.prompts[0] for job in jobs]
+
+    def finish(jobs, value):  # the finishing thread
+        if value == ["a"]:
+            assert second_sampled.wait(10)  # "b" was sampled while "a" was still being finished
+        if value == ["boom"]:
+            raise RuntimeError("decoding failed")
+        return [[v.upper()] for v in value]
+
+    batcher = Batcher(run, max_batch=1, max_wait_ms=0, queue_size=8, finish=finish)
+    batcher.start()
+
+    async def requests():
+        jobs = [Job([prompt], [0], [""], {}) for prompt in ("a", "b", "boom", "c")]
+        return await asyncio.gather(*(batcher.submit(job) for job in jobs), return_exceptions=True)
+
+    try:
+        a, b, boom, c = asyncio.run(requests())
+    finally:
+        batcher.close()
+    assert (a, b, c) == (["A"], ["B"], ["C"]) and isinstance(boom, RuntimeError)  # a failure fails its batch only
+
+
 def test_result_cache_is_lru_and_bounded_in_bytes():
     from tokenpaint.serve.batching import ResultCache
 

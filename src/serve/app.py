@@ -20,7 +20,7 @@ from .batching import Batcher, ResultCache
 from ..pipeline import default_edit_mode
 from .errors import RequestError
 from .images import decode_image
-from .jobs import Edit, check_edit, make_job, resolve_options, run_jobs
+from .jobs import Edit, check_edit, finish_jobs, make_job, resolve_options, sample_jobs
 from .metrics import Metrics
 from .schemas import ImagesRequest
 from .settings import ServeSettings
@@ -39,9 +39,12 @@ class ServerState:
         self.version = __version__
         self.metrics = Metrics()
         self.cache = ResultCache(settings.cache_size)
-        run = run or (lambda jobs: run_jobs(pipe, jobs, settings.max_batch, on_step=self.batcher.report_step))
+        finish = None
+        if run is None:  # sampling on the model thread; decoding and PNG encoding on the finishing thread
+            run = lambda jobs: sample_jobs(pipe, jobs, settings.max_batch, on_step=self.batcher.report_step)  # noqa: E731
+            finish = lambda jobs, ids: finish_jobs(pipe, jobs, ids)  # noqa: E731
         self.batcher = Batcher(run, settings.max_batch, settings.max_wait_ms, settings.queue_size, self.metrics,
-                               settings.threads)
+                               settings.threads, finish=finish)
         self.metrics.queue_depth = self.batcher.depth
         self._hash: Optional[str] = None
 

@@ -2,7 +2,9 @@
 
 One worker thread runs the model. It takes the oldest waiting job, waits up to `max_wait_ms` (from that job's
 arrival) for more jobs with the same batch key until `max_batch` images are collected, and runs them as one batch.
-Jobs with other keys keep their place. An exception fails only the jobs of its batch. Requests are answered through
+Jobs with other keys keep their place. With a `finish` step (the server's: VQGAN decoding and PNG encoding), a
+second thread finishes a batch while the worker samples the next, so under load a second core is not left idle.
+An exception (in either step) fails only the jobs of its batch. Requests are answered through
 asyncio futures on the event loop that submitted them. The running batch's decoding steps are reported to
 `report_step` (the sampler's on_step), which `progress()` turns into a fraction and an ETA.
 """
@@ -14,15 +16,19 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
 from .errors import RequestError
 
 
 class Batcher:
-    def __init__(self, run: Callable[[list], list], max_batch: int, max_wait_ms: float, queue_size: int,
-                 metrics=None, threads: Optional[int] = None):
-        self.run, self.max_batch, self.max_wait = run, max_batch, max_wait_ms / 1000.0
+    """run(jobs) -> one result per job, or with finish: run(jobs) -> value and finish(jobs, value) -> one result per
+    job, finish on its own thread."""
+
+    def __init__(self, run: Callable[[list], object], max_batch: int, max_wait_ms: float, queue_size: int,
+                 metrics=None, threads: Optional[int] = None, finish: Optional[Callable[[list, object], list]] = None):
+        self.run, self.finish, self.max_batch, self.max_wait = run, finish, max_batch, max_wait_ms / 1000.0
         self.queue_size, self.metrics, self.threads = queue_size, metrics, threads
         self.pending: deque = deque()
         self.cond = threading.Condition()
@@ -32,20 +38,25 @@ class Batcher:
         self.step = (0, 0)  # decoding steps done, steps in all, of the running batch
         self.batch_seconds = 1.0  # running mean of a batch's duration, for Retry-After
         self.thread = threading.Thread(target=self._loop, name="tokenpaint-model", daemon=True)
+        self.finishing: Optional[ThreadPoolExecutor] = None
 
     def start(self) -> None:
+        if self.finish is not None:
+            self.finishing = ThreadPoolExecutor(1, "tokenpaint-finish", initializer=self._set_threads)
         self.thread.start()
 
     def depth(self) -> int:
         return len(self.pending)
 
     def close(self, timeout: Optional[float] = None) -> None:
-        """Refuse new jobs, finish the waiting ones, stop the worker."""
+        """Refuse new jobs, finish the waiting ones, stop the worker (and the finishing thread once it is done)."""
         with self.cond:
             self.closing = True
             self.cond.notify_all()
         if self.thread.is_alive():
             self.thread.join(timeout)
+        if self.finishing is not None:
+            self.finishing.shutdown(wait=True)
 
     def report_step(self, done: int, total: int) -> None:
         """The sampler's on_step for the running batch (called on the worker thread)."""
@@ -114,11 +125,14 @@ class Batcher:
                     self.pending.remove(job)
                 return [job for job in group if not job.future.cancelled()] or self._take()
 
-    def _loop(self) -> None:
+    def _set_threads(self) -> None:
         if self.threads:
             import torch
 
-            torch.set_num_threads(self.threads)  # OpenMP thread counts are per thread: set it in the worker
+            torch.set_num_threads(self.threads)  # OpenMP thread counts are per thread: set it in each worker
+
+    def _loop(self) -> None:
+        self._set_threads()
         while True:
             group = self._take()
             if group is None:
@@ -128,18 +142,31 @@ class Batcher:
             self.running_images, self.running_jobs = images, len(group)
             start = time.perf_counter()
             try:
-                results, error = self.run(group), None
+                value, error = self.run(group), None
             except Exception as e:  # fails this batch's requests only
-                results, error = None, e
+                value, error = None, e
             self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * (time.perf_counter() - start)
             self.running_images, self.running_jobs, self.step = 0, 0, (0, 0)
-            if self.metrics is not None:
-                self.metrics.batch(images, failed=error is not None)
-            for i, job in enumerate(group):
-                try:
-                    job.loop.call_soon_threadsafe(_settle, job.future, None if error else results[i], error)
-                except RuntimeError:  # the event loop is gone
-                    pass
+            if error is None and self.finishing is not None:
+                self.finishing.submit(self._finish, group, images, value)
+            else:
+                self._deliver(group, images, value, error)
+
+    def _finish(self, group: list, images: int, value) -> None:
+        try:
+            results, error = self.finish(group, value), None
+        except Exception as e:
+            results, error = None, e
+        self._deliver(group, images, results, error)
+
+    def _deliver(self, group: list, images: int, results, error) -> None:
+        if self.metrics is not None:
+            self.metrics.batch(images, failed=error is not None)
+        for i, job in enumerate(group):
+            try:
+                job.loop.call_soon_threadsafe(_settle, job.future, None if error else results[i], error)
+            except RuntimeError:  # the event loop is gone
+                pass
 
 
 def _settle(future, result, error) -> None:

@@ -1,8 +1,8 @@
 """A request as the model worker sees it: rows of (prompt, negative prompt, seed) and the sampler options.
 
 Image i of a request uses seed + i, as everywhere in tokenpaint, so a row's image does not depend on the other rows
-of its batch: text-to-image jobs with the same options are sampled together (`run_jobs`). An edit job (an input
-image) runs alone.
+of its batch: text-to-image jobs with the same options are sampled together (`sample_jobs`, then `finish_jobs`
+decodes them; `run_jobs` does both). An edit job (an input image) runs alone.
 """
 
 from __future__ import annotations
@@ -141,21 +141,29 @@ def check_edit(pipe, edit: Edit, fields: dict) -> None:
 
 
 def run_jobs(pipe, jobs: list[Job], batch_size: int, on_step=None) -> list[list[str]]:
-    """Sample every job's rows (one call: rows of different jobs share batches) -> base64 PNGs per job.
+    """Sample every job's rows (one call: rows of different jobs share batches) -> base64 PNGs per job."""
+    return finish_jobs(pipe, jobs, sample_jobs(pipe, jobs, batch_size, on_step))
+
+
+def sample_jobs(pipe, jobs: list[Job], batch_size: int, on_step=None):
+    """The image ids of every job's rows, in job order (one Pipeline call: rows of different jobs share batches).
     on_step(done, total): the decoding steps of the call, as Pipeline reports them."""
     options = dict(jobs[0].options)
     with pipe.lora_scales(dict(options.pop("lora", ()))):  # this batch's adapter scales (the jobs share them)
         if jobs[0].edit is not None:
             (job,) = jobs
             e = job.edit
-            ids = pipe.edit_ids(job.prompts[0], e.image, mask=e.mask, mode=e.mode, strength=e.strength,
-                                seed=job.seeds[0], num_images=job.size, batch_size=batch_size, keep_rows=e.keep_rows,
-                                negative_prompt=job.negatives[0] or None, on_step=on_step, **options)
-            return [[encode_png(im) for im in pipe.decode(ids)]]
+            return pipe.edit_ids(job.prompts[0], e.image, mask=e.mask, mode=e.mode, strength=e.strength,
+                                 seed=job.seeds[0], num_images=job.size, batch_size=batch_size, keep_rows=e.keep_rows,
+                                 negative_prompt=job.negatives[0] or None, on_step=on_step, **options)
         prompts = [p for job in jobs for p in job.prompts]
         seeds = [s for job in jobs for s in job.seeds]
         negatives = [n for job in jobs for n in job.negatives]
-        ids = pipe.sample_rows(prompts, seeds, negatives, batch_size=batch_size, on_step=on_step, **options)
+        return pipe.sample_rows(prompts, seeds, negatives, batch_size=batch_size, on_step=on_step, **options)
+
+
+def finish_jobs(pipe, jobs: list[Job], ids) -> list[list[str]]:
+    """Image ids (sample_jobs') -> base64 PNGs per job, each image decoded on its own."""
     images = [encode_png(im) for im in pipe.decode(ids)]
     out, start = [], 0
     for job in jobs:
