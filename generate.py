@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tokenpaint.pipeline import (EDIT_MODES, INFERENCE_DTYPES, QUANT_DTYPES, Pipeline, check_edit_mode,
                                  check_run_dir, default_edit_mode, make_grid)
-from tokenpaint.sampling import OptionError, SampleOptions, check_option, check_seeds
+from tokenpaint.sampling import CAPTION_OPTIONS, OptionError, SampleOptions, check_option, check_seeds
 from tokenpaint.transformer.lora import parse_lora_spec
 
 SAMPLE_FLAGS = ("steps", "guidance_scale", "top_k", "top_p", "temperature", "jacobi_window")  # options with a flag
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", metavar="TEXT", help="replaces the empty prompt of guidance")
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float, help="nucleus sampling in [0, 1] (gpt; 0 = only the most likely id)")
-    p.add_argument("--temperature", type=float, help="captioning: 0 (the default) is greedy")
+    p.add_argument("--temperature", type=float, help="captioning: 0 is greedy (default: the run's caption_temperature, 0)")
     p.add_argument("--num-captions", type=int, default=1, help="captions per image (one output row each)")
     p.add_argument("--max-length", type=int, metavar="N", help="captioning: at most N text ids (default text_len)")
     p.add_argument("--no-kv-cache", action="store_true", help="re-run the whole sequence each step (gpt)")
@@ -99,9 +99,12 @@ def check_args(parser: argparse.ArgumentParser, args) -> tuple[list[tuple[str, s
     try:
         for name in ("num_images", "batch_size", "strength", "seed"):
             check_option(name, getattr(args, name))
-        # captioning takes temperature 0 (greedy), checked below
+        if captioning:  # the caption call's arguments follow the caption_* options' rules (temperature 0: greedy)
+            for name in CAPTION_OPTIONS:
+                if getattr(args, name) is not None:
+                    check_option("caption_" + name, getattr(args, name), name)
         SampleOptions().replace(**{k: v for k, v in sample_options(args).items()
-                                   if not (captioning and k == "temperature")})
+                                   if not (captioning and k in CAPTION_OPTIONS)})
     except OptionError as e:
         parser.error(f"{flag(e.name)}: {e}")
     if args.num_captions < 1:
@@ -124,10 +127,6 @@ def check_args(parser: argparse.ArgumentParser, args) -> tuple[list[tuple[str, s
                              ("--grid", args.grid), ("--negative-prompt", args.negative_prompt)):
             if value:
                 parser.error(f"{wrong} does not apply to {source} (captioning writes idx \\t text)")
-        if args.temperature is not None and args.temperature < 0:
-            parser.error(f"--temperature must be >= 0 for captioning (0 = greedy), got {args.temperature}")
-        if args.max_length is not None and args.max_length < 1:
-            parser.error(f"--max-length must be >= 1, got {args.max_length}")
         for path in args.caption or [args.caption_input]:
             if not os.path.isfile(path):
                 parser.error(f"{source}: file {path} does not exist")

@@ -95,7 +95,7 @@ def round_trip(run: str, judge_pipe: Pipeline, prompts: list[str], k: int, seed:
     by_text = summarize(text)
     return {"pixel_match": sum(v["match"] for v in pixel) / len(pixel), "caption_match": by_text["match"],
             "caption_attrs": by_text["attrs"], "agree": sum(p["match"] == t["match"] for p, t in zip(pixel, text))
-            / len(pixel), "images": len(images), "sampler": pipe.defaults}
+            / len(pixel), "images": len(images), "sampler": pipe.options.to_dict()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,11 +22,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .data.images import pil_to_tensor, tensor_to_pil
-from .sampling import (OptionError, SampleOptions, check_option, check_seeds, continue_image, img2img, inpaint,
-                       outpaint, pixel_mask_to_token_mask, sample)
-from .data.images import resize_center_crop
-from .sampling import sample_caption
+from .data.images import pil_to_tensor, resize_center_crop, tensor_to_pil
+from .sampling import (CAPTION_OPTIONS, RULES, OptionError, SampleOptions, check_option, check_seeds, continue_image,
+                       img2img, inpaint, outpaint, pixel_mask_to_token_mask, sample, sample_caption)
 from .sampling.filters import StepCallback
 from .sampling.editing import pixel_mask_to_bool
 from .transformer.lora import DEFAULT_SCALE as LORA_SCALE
@@ -42,8 +40,8 @@ INFERENCE_DTYPES = (*DTYPES, *QUANT_DTYPES)  # what from_pretrained / generate.p
 def read_sample_defaults(path: Path) -> SampleOptions:
     """The run's sampler defaults: SAMPLE_DEFAULTS updated by the `sample:` section of train_config.yaml if present.
 
-    top_k / top_p null = no filtering (as in the training-time samples); other nulls keep the built-in default; keys
-    that are no sampler option are ignored.
+    null where an option allows it (top_k / top_p: no filtering, as in the training-time samples; caption_max_length:
+    text_len); other nulls keep the built-in default; keys that are no sampler option are ignored.
     """
     if not path.is_file():
         return SampleOptions()
@@ -52,7 +50,7 @@ def read_sample_defaults(path: Path) -> SampleOptions:
     if section is not None and not isinstance(section, dict):
         raise ValueError(f"{path}: section 'sample' must be a mapping, got {type(section).__name__}")
     given = {k: v for k, v in (section or {}).items()
-             if k in SampleOptions.names() and (v is not None or k in ("top_k", "top_p"))}
+             if k in SampleOptions.names() and (v is not None or RULES[k][0](None))}
     try:
         return SampleOptions(**given)
     except OptionError as e:
@@ -339,8 +337,10 @@ class Pipeline:
                 max_length=None, batch_size: int = 8, use_kv_cache: bool = True, progress: bool = False) -> list[str]:
         """Caption images (PIL images or paths): num_captions per image, image-major; caption i uses seed + i.
 
-        KV-cached decoding over the text vocabulary until the padding id; temperature 0 (the default) is greedy,
-        otherwise top_k / top_p filter the draws. max_length: at most this many text ids (default text_len).
+        KV-cached decoding over the text vocabulary until the padding id; temperature 0 is greedy, otherwise top_k /
+        top_p filter the draws. max_length: at most this many text ids. None: the pipeline's caption_temperature,
+        caption_top_k, caption_top_p, caption_max_length options (greedy up to text_len unless the run's `sample:`
+        section says otherwise).
         """
         return self.tokenizer.decode(self.caption_ids(
             images, num_captions=num_captions, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -356,27 +356,26 @@ class Pipeline:
             check_option("batch_size", batch_size)
             check_seeds(seed, num_captions * (1 if isinstance(images, (str, os.PathLike, Image.Image)) else
                                               max(1, len(images))))
-            for name, value in (("top_k", top_k), ("top_p", top_p)):
+            given = dict(zip(CAPTION_OPTIONS, (temperature, top_k, top_p, max_length)))
+            for name, value in given.items():
                 if value is not None:
-                    check_option(name, value)
+                    check_option("caption_" + name, value, name)
         except OptionError as e:
             raise ValueError(str(e).replace("num_images", "num_captions")) from None
-        if temperature is not None and not temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+        options = {name: getattr(self.options, "caption_" + name) if value is None else value
+                   for name, value in given.items()}
         images = [images] if isinstance(images, (str, os.PathLike, Image.Image)) else list(images)
         if not images:
             raise ValueError("images must hold at least one image")
         ids = torch.cat([self._encode_image(resize_center_crop(_open_image(image, "image").convert("RGB"),
                                                                 self.resolution)).flatten(1)
                          for image in images]).repeat_interleave(num_captions, dim=0)  # [M, N], image-major
-        given = dict(temperature=temperature, top_k=top_k, top_p=top_p, max_length=max_length)
-        options = dict(use_kv_cache=use_kv_cache, **{k: v for k, v in given.items() if v is not None})
         out = []
         bar = tqdm(total=ids.shape[0], desc="captions", disable=not progress)
         for start in range(0, ids.shape[0], batch_size):
             rows = slice(start, min(start + batch_size, ids.shape[0]))
             gens = [torch.Generator(device=self.device).manual_seed(seed + i) for i in range(rows.start, rows.stop)]
-            out.append(sample_caption(self.model, ids[rows], generator=gens, **options))
+            out.append(sample_caption(self.model, ids[rows], generator=gens, use_kv_cache=use_kv_cache, **options))
             bar.update(rows.stop - rows.start)
         bar.close()
         return torch.cat(out)

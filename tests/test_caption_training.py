@@ -134,4 +134,7 @@ def test_generate_refuses_the_direction_a_run_was_not_trained_for(runs, tmp_path
     assert f"{bad}:1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         generate.main(["--model", str(runs["captioner"]), "--caption", str(image), "--temperature", "-1"])
-    assert "--temperature must be >= 0" in capsys.readouterr().err
+    assert "--temperature: temperature must be a number >= 0, got -1.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        generate.main(["--model", str(runs["captioner"]), "--caption", str(image), "--max-length", "0"])
+    assert "--max-length: max_length must be an integer >= 1" in capsys.readouterr().err

@@ -6,7 +6,7 @@ from PIL import Image
 
 from tokenpaint import Pipeline
 from tokenpaint.data import TextTokenizer, pil_to_tensor
-from tokenpaint.sampling import sample_autoregressive, sample_caption
+from tokenpaint.sampling import SampleOptions, sample_autoregressive, sample_caption
 from tokenpaint.transformer import GPT, GPTConfig, caption_targets, load_generator, model_config_from_yaml, preset_config
 from tokenpaint.vqgan import VQGAN, VQGANConfig
 
@@ -208,6 +208,13 @@ def test_a_tiny_captioner_learns_to_name_the_colour_of_a_one_colour_image(colour
     assert len(sampled) == 4 and sampled == pipe.caption([images["red"], images["blue"]], num_captions=2, seed=3,
                                                          temperature=1.0)
     assert pipe.caption(images["green"], max_length=2) == ["a green"]
+    # a caption call's defaults are the pipeline's caption_* sampler options (a run's `sample:` section)
+    short = Pipeline(pipe.model, pipe.tokenizer, pipe.vqgan, SampleOptions(caption_max_length=2))
+    assert short.caption(images["green"]) == ["a green"] and short.caption(images["green"], max_length=3) == \
+        ["a green picture"]
+    hot = Pipeline(pipe.model, pipe.tokenizer, pipe.vqgan, SampleOptions(caption_temperature=1.0))
+    assert hot.caption(images["red"], num_captions=2, seed=3) == pipe.caption(images["red"], num_captions=2, seed=3,
+                                                                               temperature=1.0)
 
 
 def test_pipeline_refuses_the_direction_it_was_not_trained_for(colour_pipeline):

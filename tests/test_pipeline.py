@@ -293,6 +293,8 @@ def test_sample_defaults_from_train_config(tmp_path):
     path.write_text("train: {lr: 0.1}\nsample: {steps: 8, schedule: linear, every: 5}\n", encoding="utf-8")
     defaults = read_sample_defaults(path)
     assert defaults == SampleOptions(steps=8, schedule="linear")  # "every" is no sampler option: ignored
+    path.write_text("sample: {caption_temperature: 0.7, top_k: null, temperature: null}\n", encoding="utf-8")
+    assert read_sample_defaults(path) == SampleOptions(caption_temperature=0.7, top_k=None)  # null: none where allowed
     path.write_text("sample: {top_p: 2.0}\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"train_config.yaml: section 'sample': top_p"):
         read_sample_defaults(path)

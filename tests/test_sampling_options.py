@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from tiny_generators import random_batch, tiny_gpt, tiny_mim
-from tokenpaint.sampling import (SAMPLE_DEFAULTS, SAMPLERS, OptionError, SampleOptions, check_option, sample,
-                                 sample_autoregressive, sample_masked)
+from tokenpaint.sampling import (CAPTION_OPTIONS, SAMPLE_DEFAULTS, SAMPLERS, OptionError, SampleOptions, check_option,
+                                 sample, sample_autoregressive, sample_caption, sample_masked)
 from tokenpaint.transformer import GENERATORS
 
 
@@ -20,13 +20,18 @@ def test_defaults_come_from_the_one_table():
         for name, parameter in inspect.signature(sampler).parameters.items():
             if name in SAMPLE_DEFAULTS:
                 assert parameter.default == SAMPLE_DEFAULTS[name], (sampler.__name__, name)
+    caption = inspect.signature(sample_caption).parameters  # and the caption decoder's, of the caption_* options
+    assert {name: caption[name].default for name in CAPTION_OPTIONS} == \
+        {name: SAMPLE_DEFAULTS["caption_" + name] for name in CAPTION_OPTIONS}
+    assert SAMPLE_DEFAULTS["caption_temperature"] == 0  # captions are greedy unless a run says otherwise
     assert set(SAMPLERS) == set(GENERATORS)  # a sampler for every generator kind
 
 
 @pytest.mark.parametrize("name, value", [
     ("steps", 0), ("steps", 2.5), ("steps", True), ("guidance_scale", -1), ("guidance_scale", "3"), ("top_k", 0),
     ("top_p", -0.1), ("top_p", 1.5), ("temperature", 0), ("choice_temperature", -0.1), ("schedule", "cubic"),
-    ("guidance_schedule", "cubic"), ("use_kv_cache", 1),
+    ("guidance_schedule", "cubic"), ("use_kv_cache", 1), ("caption_temperature", -0.5), ("caption_top_k", 0),
+    ("caption_top_p", 2.0), ("caption_max_length", 0),
 ])
 def test_bad_values_name_the_option(name, value):
     with pytest.raises(OptionError, match=rf"^{name} must be .*got {value!r}") as info:

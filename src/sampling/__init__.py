@@ -13,7 +13,7 @@ from .editing import continue_image, img2img, inpaint, outpaint, pixel_mask_to_t
 from .filters import filter_logits, gumbel_noise, mask_by_random_topk, sample_from_logits
 from .guidance import apply_guidance, guidance_at
 from .masked import sample_masked
-from .options import SAMPLE_DEFAULTS, OptionError, SampleOptions, check_option, check_seeds
+from .options import CAPTION_OPTIONS, RULES, SAMPLE_DEFAULTS, OptionError, SampleOptions, check_option, check_seeds
 
 __all__ = [
     "sample",
@@ -21,6 +21,8 @@ __all__ = [
     "SAMPLERS",
     "SampleOptions",
     "SAMPLE_DEFAULTS",
+    "CAPTION_OPTIONS",
+    "RULES",
     "OptionError",
     "check_option",
     "check_seeds",

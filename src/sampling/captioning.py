@@ -13,8 +13,10 @@ from typing import Optional
 
 import torch
 
+from ..transformer.presets import SAMPLE_DEFAULTS as D
 from ..transformer.schedule import NULL_TEXT_ID
 from .filters import Generators, check_generators, sample_from_logits
+from .options import CAPTION_OPTIONS, check_option
 
 
 @torch.inference_mode()
@@ -22,24 +24,25 @@ def sample_caption(
     model,
     image_ids: torch.Tensor,
     *,
-    temperature: float = 0.0,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    max_length: Optional[int] = None,
+    temperature: float = D["caption_temperature"],
+    top_k: Optional[int] = D["caption_top_k"],
+    top_p: Optional[float] = D["caption_top_p"],
+    max_length: Optional[int] = D["caption_max_length"],
     generator: Generators = None,
     use_kv_cache: bool = True,
 ) -> torch.Tensor:
     """Caption image ids long [B, N] (or [B, h, w]) -> text ids long [B, max_length] (default text_len), padded with
-    NULL_TEXT_ID from each caption's end. generator: one torch.Generator, or one per row (unused when greedy)."""
+    NULL_TEXT_ID from each caption's end. generator: one torch.Generator, or one per row (unused when greedy).
+    The defaults and rules are those of the sampler options caption_temperature, ... (SAMPLE_DEFAULTS)."""
     model.check_direction("i2t")  # a model trained text-to-image only cannot caption: a clear error
+    for name, value in zip(CAPTION_OPTIONS, (temperature, top_k, top_p, max_length)):
+        check_option("caption_" + name, value, name)
     c = model.config
     batch = image_ids.shape[0]
     image_ids = image_ids.reshape(batch, -1).to(device=model.device, dtype=torch.long)  # [B, N]
     max_length = c.text_len if max_length is None else max_length
-    if not isinstance(max_length, int) or not 1 <= max_length <= c.text_len:
+    if max_length > c.text_len:
         raise ValueError(f"max_length must be an integer in [1, text_len={c.text_len}], got {max_length!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     check_generators(generator, batch)
 
     out = torch.full((batch, max_length), NULL_TEXT_ID, dtype=torch.long, device=image_ids.device)

@@ -35,6 +35,9 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+# The arguments of a caption call (sample_caption, Pipeline.caption, generate.py --caption): each one's default and
+# rule are those of the sampler option "caption_" + name.
+CAPTION_OPTIONS = ("temperature", "top_k", "top_p", "max_length")
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2**64); image i of a request uses seed + i
 MAX_IMAGES_PER_PROMPT = 10_000
 
@@ -55,11 +58,13 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def check_option(name: str, value) -> None:
-    """Raise OptionError naming `name` if `value` breaks its rule (RULES)."""
+def check_option(name: str, value, shown: Optional[str] = None) -> None:
+    """Raise OptionError naming `shown` (default `name`) if `value` breaks the rule of `name` (RULES); e.g.
+    check_option("caption_temperature", t, "temperature") for the `temperature` argument of a caption call."""
     ok, wanted = RULES[name]
     if not ok(value):
-        raise OptionError(name, f"{name} must be {wanted}, got {value!r}")
+        shown = shown or name
+        raise OptionError(shown, f"{shown} must be {wanted}, got {value!r}")
 
 
 def check_seeds(seed, count: int) -> None:
@@ -95,6 +100,11 @@ class SampleOptions:
     guidance_schedule: str = SAMPLE_DEFAULTS["guidance_schedule"]  # constant or linear over the steps (mim)
     use_kv_cache: bool = SAMPLE_DEFAULTS["use_kv_cache"]  # gpt: False re-runs the whole sequence each token
     jacobi_window: int = SAMPLE_DEFAULTS["jacobi_window"]  # gpt: W > 1 = speculative Jacobi decoding, W drafts a pass
+    # image -> text (sample_caption's temperature, top_k, top_p, max_length; Pipeline.caption's defaults)
+    caption_temperature: float = SAMPLE_DEFAULTS["caption_temperature"]  # 0 = greedy
+    caption_top_k: Optional[int] = SAMPLE_DEFAULTS["caption_top_k"]
+    caption_top_p: Optional[float] = SAMPLE_DEFAULTS["caption_top_p"]
+    caption_max_length: Optional[int] = SAMPLE_DEFAULTS["caption_max_length"]  # None = the model's text_len
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -129,5 +139,5 @@ class SampleOptions:
         return {name: getattr(self, name) for name in self.names() if name in accepted}
 
 
-__all__ = ["SampleOptions", "OptionError", "check_option", "check_seeds", "RULES", "SAMPLE_DEFAULTS", "SEED_LIMIT",
+__all__ = ["SampleOptions", "OptionError", "check_option", "CAPTION_OPTIONS", "check_seeds", "RULES", "SAMPLE_DEFAULTS", "SEED_LIMIT",
            "MAX_IMAGES_PER_PROMPT"]

@@ -44,9 +44,12 @@ TRAIN_DEFAULTS: dict[str, Any] = dict(
 # The one table of sampler defaults: tokenpaint.sampling.SampleOptions (which documents each option and checks it),
 # the free samplers' keyword defaults and the `sample:` section of a transformer YAML all read it.
 # jacobi_window (GPT only): W > 1 = speculative Jacobi decoding with W draft tokens (sampling/jacobi.py).
+# caption_*: image -> text decoding (sampling.sample_caption, Pipeline.caption): temperature 0 = greedy, max_length
+# null = the model's text_len (docs/CAPTIONING.md measures greedy against sampled captions).
 SAMPLE_DEFAULTS: dict[str, Any] = dict(steps=12, guidance_scale=3.0, top_k=100, top_p=1.0, temperature=1.0,
                                        choice_temperature=4.5, schedule="cosine", guidance_schedule="constant",
-                                       use_kv_cache=True, jacobi_window=1)
+                                       use_kv_cache=True, jacobi_window=1, caption_temperature=0.0,
+                                       caption_top_k=None, caption_top_p=None, caption_max_length=None)
 TOKENIZER_DEFAULTS: dict[str, Any] = dict(vocab_size=8000)
 DATA_DEFAULTS: dict[str, Any] = dict(resolution=None, shuffle=True)  # resolution None: the VQGAN's
 # LoRA fine-tuning (train.py transformer --init-from BASE --lora RANK): rank null = train the whole model. alpha null
@@ -69,7 +72,8 @@ SAMPLE_CHECKS: dict[str, Check] = {
     "steps": integer(1), "guidance_scale": number(0), "top_k": integer(1).or_none("no top-k"),
     "top_p": number(0, 1).or_none("no top-p"), "temperature": number(0, lo_open=True),
     "choice_temperature": number(0), "schedule": one_of(*MASK_SCHEDULES), "use_kv_cache": one_of(True, False),
-    "jacobi_window": integer(1),
+    "jacobi_window": integer(1), "caption_temperature": number(0), "caption_top_k": integer(1).or_none("no top-k"),
+    "caption_top_p": number(0, 1).or_none("no top-p"), "caption_max_length": integer(1).or_none("the text_len"),
 }
 MODEL_CHECKS: dict[str, Check] = {
     **{f.name: _field_check(f) for cls in CONFIG_CLASSES.values() for f in fields(cls)},
