@@ -6,8 +6,9 @@ txt2img and img2img take and answer that API's JSON: `images` are raw base64 PNG
 `inpainting_mask_invert`); without one, a masked model re-generates a `denoising_strength` share of the tokens and a
 GPT keeps the top (1 - denoising_strength) of the rows and continues the rest. `<lora:NAME:SCALE>` in the prompt sets
 the scale of the server's --lora adapter NAME for that request, as in the web UI. interrogate captions an image with
-a run trained to caption (model.directions holding i2t; greedy); a model trained for one direction answers the other's
-endpoints with a 422 naming what it was trained for. The GET endpoints answer in the shapes clients read at start-up.
+a run trained to caption (model.directions holding i2t) by its caption options (greedy by default); a model trained
+for one direction answers the other's endpoints with a 422 naming what it was trained for. The GET endpoints answer
+in the shapes clients read at start-up.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def build_router(state, dependencies) -> APIRouter:
     async def interrogate(req: InterrogateRequest):
         state.check_direction("i2t", "image")
         image = state.decode_image(req.image, "image").convert("RGB")
-        caption = await run_in_threadpool(lambda: state.pipe.caption([image])[0])  # greedy, off the event loop
+        caption = await run_in_threadpool(lambda: state.pipe.caption([image])[0])  # off the event loop
         return {"caption": caption}
 
     @router.get("/sd-models")
