@@ -163,7 +163,7 @@ def runs(tmp_path_factory, tokenizer):
     v = tokenizer.vocab_size
     adapters = {}
     for name, words, seed in (("zorbly", {"zorbly": v, "佐布色": v + 1}, 0), ("blorp", {"blorp": v}, 1),
-                              ("same", {"zorbly": v}, 2)):
+                              ("same", {"zorbly": v}, 2), ("known", {"circle": v}, 3)):
         adapter = with_rows(LoRAAdapter.create(model, rank=2, targets=["attn"], new_words=words), seed)
         adapters[name] = adapter.save(root / name)
     return {"run": run, **adapters}
@@ -199,6 +199,9 @@ def test_pipeline_load_extends_the_tokenizer_and_unload_restores_it(runs, tokeni
     assert torch.equal(pipe.generate_ids(SHORT[:2], seed=1), base_ids)
     pipe.load_lora(runs["same"])  # after unload the word is free again
     assert pipe.encode_text(["zorbly"])[0, 1].item() == v
+    with pytest.raises(ValueError, match="lora.json new_words: 'circle' is already a piece"):
+        pipe.load_lora(runs["known"])  # made for another tokenizer
+    assert pipe.loras == {"same": 0.8} and pipe.tokenizer.vocab_size == v + 1
 
 
 def test_generate_cli_with_a_new_word_adapter(runs, tmp_path):
