@@ -1,9 +1,12 @@
 """LoRA adapters that add words to the tokenizer: one new piece each, new text-embedding rows, exact unload."""
 import json
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from test_pipeline import CAPTIONS, build_run, tiny_vqgan
 from tiny_generators import TEXT_VOCAB, random_batch, tiny_gpt, tiny_mim
@@ -12,7 +15,8 @@ from tokenpaint.data import TextTokenizer, caption, random_attributes
 from tokenpaint.transformer import load_generator
 from tokenpaint.transformer.lora import LORA_CONFIG, LORA_WEIGHTS, LoRAAdapter, LoRASet
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import generate  # noqa: E402  (the script at the repo root)
 
 NEW = ["zorbly", "佐布色"]  # a made-up colour word in English and in Chinese
 SHORT = ["a red circle", "blue square", "一个大的红色圆形", "蓝色的天空", ""]  # within the tiny run's 8 text ids
@@ -146,7 +150,6 @@ def test_adapter_file_holds_adapter_tensors_and_the_new_rows(tmp_path):
     assert loaded.new_words == ["zorbly", "佐布色"] and loaded.new_ids.tolist() == [TEXT_VOCAB, TEXT_VOCAB + 1]
     assert torch.equal(loaded.new_rows, adapter.new_rows)
     del tensors["text_embedding.new_rows"]
-    from safetensors.torch import save_file
     save_file(tensors, str(tmp_path / "run" / LORA_WEIGHTS))
     with pytest.raises(ValueError, match="text_embedding.new_rows"):
         LoRAAdapter.load(tmp_path / "run")
@@ -205,11 +208,6 @@ def test_pipeline_load_extends_the_tokenizer_and_unload_restores_it(runs, tokeni
 
 
 def test_generate_cli_with_a_new_word_adapter(runs, tmp_path):
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import generate
-
     for dtype in ("float32", "int8"):  # int8: fused (the grown table included), then quantized
         rc = generate.main(["--model", str(runs["run"]), "--prompt", "a zorbly blorp circle", "--out-dir",
                             str(tmp_path / dtype), "--lora", f"{runs['zorbly']}:0.9", "--lora", str(runs["blorp"]),
