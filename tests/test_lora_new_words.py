@@ -92,6 +92,10 @@ def test_new_rows_fuse_and_unload_restore_table_and_weights_exactly(make):
     assert torch.equal(logits(model, text, image), before)  # B = 0 and no new id in the text: the base exactly
     new_text = text.clone()
     new_text[:, 2] = TEXT_VOCAB
+    at_08 = logits(model, new_text, image)
+    lora.set_scale("a", 0.0)  # B = 0 here: only the new row acts, and it does not scale
+    assert torch.equal(logits(model, new_text, image), at_08)
+    lora.set_scale("a", 0.8)
     with_rows(adapter, 1)
     hooked = logits(model, new_text, image)
     old_word = new_text.clone()
