@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe.load_lora(lora_dir, scale=scale)
         rows[f"base + LoRA x{scale:g}"] = (scores(pipe, new_prompts, k, args.seed, names),
                                             scores(pipe, old_prompts, k, args.seed))
-    recon = judge_reconstructions(args.out, data["full_val"], 256)
+    recon = judge_reconstructions(args.out, data["full_val"], 256, "shapes")
     (new_base, old_base), (new_lora, old_lora) = rows["base"], rows[f"base + LoRA x{args.scales[0]:g}"]
     new_base, old_base, new_lora, old_lora = (d["match"] for d in (new_base, old_base, new_lora, old_lora))
     if new_words:
