@@ -12,6 +12,7 @@ from tokenpaint.transformer.quantize import (
     WEIGHT_ONLY_MAX_ROWS,
     Int8Embedding,
     Int8Linear,
+    check_int8_shape,
     is_quantized,
     quantize_int8,
     quantize_rows,
@@ -46,6 +47,33 @@ def test_int8_linear_matches_float(shape, rows):
     kernels = [layer._dynamic_int8] + ([layer._weight_only] if layer.weight_only_ok else [])
     for kernel in kernels:  # each kernel on its own, whichever this CPU picks
         assert rel_err(kernel(x2) + bias, linear(x2)) < 0.02
+
+
+def test_kernel_choice_per_device_and_bf16_activations(monkeypatch):
+    """The CUDA rules without a GPU: which kernel a row count takes, the size check, bf16 activations in and out."""
+    from tokenpaint.transformer import quantize
+
+    assert quantize.weight_only_max_rows(torch.device("cpu")) == 0
+    assert quantize.weight_only_max_rows(torch.device("cuda", 0)) == WEIGHT_ONLY_MAX_ROWS
+    check_int8_shape("blocks.0.mlp.c_fc", nn.Linear(96, 384), torch.device("cuda"))
+    check_int8_shape("odd", nn.Linear(100, 30), torch.device("cpu"))  # any size on CPU
+    with pytest.raises(ValueError, match=r"odd is 100 -> 30.*in_features % 16"):
+        check_int8_shape("odd", nn.Linear(100, 30), torch.device("cuda"))
+
+    monkeypatch.setattr(quantize, "weight_only_max_rows", lambda device: WEIGHT_ONLY_MAX_ROWS)  # CUDA's rule here
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 40)
+    layer, calls = Int8Linear(linear), []
+    for kernel in ("_weight_only", "_dynamic_int8"):
+        original = getattr(layer, kernel)
+        monkeypatch.setattr(layer, kernel, lambda x, k=kernel, f=original: calls.append(k) or f(x))
+    for rows, kernel in ((1, "_weight_only"), (WEIGHT_ONLY_MAX_ROWS, "_weight_only"),
+                         (WEIGHT_ONLY_MAX_ROWS + 1, "_dynamic_int8")):
+        for dtype in (torch.float32, torch.bfloat16):  # a float32 model, and a bf16 one quantized after its cast
+            x = torch.randn(rows, 64).to(dtype)
+            y = layer(x)
+            assert calls[-1] == kernel and y.dtype == dtype and y.shape == (rows, 40)
+            assert rel_err(y, linear(x.float())) < 0.03
 
 
 def test_int8_embedding_matches_float():
@@ -94,7 +122,7 @@ def test_quantized_gpt_cached_steps_match_its_full_forward():
     for pos in range(SIDE * SIDE - 1):
         logits, cache = model.decode_step(image[:, pos], pos, cache)
         steps.append(logits)
-    # the full pass (many rows) takes the dynamic-activation kernel, the steps the weight-only one
+    # the full pass has many rows, a step few (on CUDA the steps take the weight-only kernel)
     assert rel_err(torch.stack(steps, dim=1), full) < 0.03
 
 

@@ -99,6 +99,14 @@ class Int8Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}"
 
 
+def check_int8_shape(name: str, linear: nn.Linear, device: torch.device) -> None:
+    """ValueError naming the layer when its sizes do not fit the int8 kernels on `device` (CUDA only: the CPU
+    kernels take any size)."""
+    if device.type == "cuda" and (linear.in_features % 16 or linear.out_features % 8):
+        raise ValueError(f"int8 on CUDA: {name} is {linear.in_features} -> {linear.out_features}; the int8 kernels "
+                         f"need in_features % 16 == 0 and out_features % 8 == 0")
+
+
 def quantize_int8(model: nn.Module, min_embedding_rows: int = 256) -> nn.Module:
     """Replace the Linear layers and the large embeddings of `model` by int8 versions, in place; returns the model.
 
@@ -110,11 +118,7 @@ def quantize_int8(model: nn.Module, min_embedding_rows: int = 256) -> nn.Module:
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                if child.weight.is_cuda and (child.in_features % 16 or child.out_features % 8):
-                    raise ValueError(
-                        f"int8 on CUDA: {name + '.' if name else ''}{child_name} is {child.in_features} -> "
-                        f"{child.out_features}; the int8 kernels need in_features % 16 == 0 and out_features % 8 == 0"
-                    )
+                check_int8_shape(f"{name + '.' if name else ''}{child_name}", child, child.weight.device)
                 setattr(module, child_name, Int8Linear(child))
             elif isinstance(child, nn.Embedding) and child.num_embeddings >= min_embedding_rows:
                 setattr(module, child_name, Int8Embedding(child))
@@ -131,5 +135,5 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
-__all__ = ["quantize_int8", "Int8Linear", "Int8Embedding", "quantize_rows", "is_quantized", "weight_bytes",
-           "QUANT_DTYPES", "WEIGHT_ONLY_MAX_ROWS", "weight_only_max_rows"]
+__all__ = ["quantize_int8", "check_int8_shape", "Int8Linear", "Int8Embedding", "quantize_rows", "is_quantized",
+           "weight_bytes", "QUANT_DTYPES", "WEIGHT_ONLY_MAX_ROWS", "weight_only_max_rows"]
