@@ -6,10 +6,11 @@
 Section "demo": the demo GPT of --run (RUN/gpt) with its shipped sampler settings (the `sample:` section of its
 train_config.yaml), held-out prompts as in benchmarks/demo_quality.py. For each batch size (--batches) and decoder
 (one-token, then each --windows W), the same --prompts prompts x --images-per-prompt images with the same per-image
-seeds: forward passes per image (prefill included), passes per generated token, seconds per image and the speedup
-over one-token decoding (the decoders alternate, --repeats rounds, median). The images are judged against their
-prompts (measure_scene) at the first batch size: held-out "match" of each decoder (the target: within 0.02 of
-one-token decoding; both are samples of the same distribution, so the difference is sampling noise).
+seeds: forward passes per image (prefill included), passes per generated token, the time of a pass split into the
+model call and the sampler's work around it, seconds per image and the speedup over one-token decoding (the decoders
+alternate, --repeats rounds, median). The images are judged against their prompts (measure_scene) at the first batch
+size: held-out "match" of each decoder (the target: within 0.02 of one-token decoding; both are samples of the same
+distribution, so the difference is sampling noise).
 Section "base": a random-weight GPT at gpt_base width and depth on a --base-image-size image (random weights
 predict near-uniform tokens, so this shows the cost of a window pass more than the acceptance of a trained model).
 Targets (issue): >= 1.5x wall-clock at batch 1 on the demo GPT, <= 0.6 forward passes per generated token.
@@ -31,16 +32,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class PassCounter:
-    """Counts the model's cached forward passes (prefill, decode_step, decode_window)."""
+    """Counts the model's cached forward passes (prefill, decode_step, decode_window) and the seconds spent in them."""
 
     def __init__(self, model):
-        self.count = 0
+        self.count, self.seconds = 0, 0.0
         for name in ("prefill", "decode_step", "decode_window"):
             original = getattr(model, name)
 
             def counted(*args, _original=original, **kwargs):
                 self.count += 1
-                return _original(*args, **kwargs)
+                start = time.perf_counter()
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    self.seconds += time.perf_counter() - start
 
             setattr(model, name, counted)
 
@@ -57,29 +62,37 @@ def run_decoder(model, text, sampler: dict, window: int, seeds, batch: int) -> t
 
 
 def compare(model, text, sampler, windows, batch, repeats, seeds):
-    """Per decoder: (passes per image, seconds per image, ids of the last round)."""
+    """Per decoder: (passes per image, seconds per image, model seconds per pass, ids of the last round)."""
     counter = PassCounter(model)
     decoders = [1, *windows]
     seconds = {w: [] for w in decoders}
-    passes, ids = {}, {}
+    passes, per_pass, ids = {}, {w: [] for w in decoders}, {}
     for _ in range(repeats):
         for w in decoders:
-            counter.count = 0
+            counter.count, counter.seconds = 0, 0.0
             start = time.perf_counter()
             ids[w] = run_decoder(model, text, sampler, w, seeds, batch)
             seconds[w].append((time.perf_counter() - start) / text.shape[0])
+            per_pass[w].append(counter.seconds / counter.count)
             batches = -(-text.shape[0] // batch)
             passes[w] = counter.count / batches  # per batch = per image of the batch
-    return {w: (passes[w], statistics.median(seconds[w]), ids[w]) for w in decoders}
+    return {w: (passes[w], statistics.median(seconds[w]), statistics.median(per_pass[w]), ids[w]) for w in decoders}
 
 
 def table_rows(results, n_tokens: int, batch: int, label: str):
+    """One row per decoder. A pass's time splits into the model call and the sampler's own work around it (filtering,
+    drawing, verification, bookkeeping: the image's time not spent in the model, per pass)."""
     base = results[1][1]
-    return [[label, batch, "one-token" if w == 1 else f"jacobi W={w}", p, p / n_tokens, s, base / s]
-            for w, (p, s, _) in results.items()]
+    rows = []
+    for w, (p, s, model_s, _) in results.items():
+        sampler_ms = (s * batch - p * model_s) / p * 1e3  # s is per image; a batch's passes serve `batch` images
+        rows.append([label, batch, "one-token" if w == 1 else f"jacobi W={w}", p, p / n_tokens, model_s * 1e3,
+                     sampler_ms, s, base / s])
+    return rows
 
 
-HEADERS = ["model", "batch", "decoder", "passes / image", "passes / token", "s / image", "speedup"]
+HEADERS = ["model", "batch", "decoder", "passes / image", "passes / token", "model ms / pass", "sampler ms / pass",
+           "s / image", "speedup"]
 
 
 def demo_section(args) -> None:
@@ -105,7 +118,7 @@ def demo_section(args) -> None:
         results = compare(pipe.model, text, sampler, args.windows, batch, args.repeats, seeds)
         rows += table_rows(results, n_tokens, batch, "demo")
         if i == 0:
-            for w, (_, _, ids) in results.items():
+            for w, (_, _, _, ids) in results.items():
                 images = pipe.decode(ids.view(-1, pipe.tokens_per_side, pipe.tokens_per_side))
                 scores = summarize_verdicts([judge(im, prompts[j // k]) for j, im in enumerate(images)])
                 quality.append(["one-token" if w == 1 else f"jacobi W={w}", scores["match"], scores["all"]])
@@ -136,7 +149,7 @@ def main(argv=None) -> int:
     add_common_args(p)
     p.add_argument("--sections", nargs="+", choices=["demo", "base"], default=["demo", "base"])
     p.add_argument("--run", default=os.path.join(ROOT, "demo"), help="output directory of `make demo`")
-    p.add_argument("--windows", type=int, nargs="+", default=[16])
+    p.add_argument("--windows", type=int, nargs="+", default=[4, 8, 16])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--prompts", type=int, default=24)
     p.add_argument("-k", "--images-per-prompt", type=int, default=2)

@@ -17,6 +17,12 @@ row further ahead re-feeds its accepted tokens there (rewritten identically in t
 had written are always re-fed, so the cache below the next start holds accepted tokens only. Every row draws a fixed
 number of random numbers per pass from its own generator, so with one generator per row an image does not depend on
 the other rows of its batch. Known tokens (editing) are forced and never verified.
+
+A pass is one model call plus a few dozen whole-batch tensor operations: no loop over rows or window positions, one
+host sync (the accepted lengths, kept as Python ints for the next pass's bounds), one call for the pass's 2W + 1
+uniform numbers per row and one draw for the redrawn token and the next drafts together, and the [B, W, V]
+distributions touched only where the rule needs them (the residual is formed at each row's stop alone). When every
+row has accepted as many tokens (always at batch 1) the fed tokens and window distributions are plain slices.
 """
 from __future__ import annotations
 
@@ -25,7 +31,8 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from .filters import Generators, StepCallback, filtered_probs, multinomial_last_dim, uniform_noise
+from .filters import (Generators, StepCallback, categorical, filtered_probs, multinomial_last_dim,
+                      uniform_noise)
 from .guidance import double_for_guidance, split_guidance
 
 
@@ -46,30 +53,39 @@ class JacobiDecoder:
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         batch, start = prefix_ids.shape
         self.prefix_len = start
-        self.n_tokens = int(model.config.image_size) ** 2
+        self.n_tokens = N = int(model.config.image_size) ** 2
         device = prefix_ids.device
-        self.known = known if known is not None else torch.zeros(batch, self.n_tokens, dtype=torch.bool, device=device)
-        self.forced = forced if forced is not None else torch.zeros(batch, self.n_tokens, dtype=torch.long,
-                                                                    device=device)
-        self.ids = torch.zeros(batch, self.n_tokens, dtype=torch.long, device=device)
-        self.ids[:, :start] = prefix_ids
+        self.rel = torch.arange(self.window, device=device)  # [W] window offsets
+        self.rows = torch.arange(batch, device=device)
+        self.has_known = known is not None and bool(known.any())
+        self.known = known if known is not None else torch.zeros(batch, N, dtype=torch.bool, device=device)
+        self.forced = forced if forced is not None else torch.zeros(batch, N, dtype=torch.long, device=device)
+        # W spare columns: a pass writes its whole window there, past N included; only accepted columns are kept
+        self._ids = torch.zeros(batch, N + self.window, dtype=torch.long, device=device)
+        self._ids[:, :start] = prefix_ids
         self.forward_passes = 1
         logits, self.cache = model.prefill(text_in, image_prefix=double_for_guidance(prefix_ids, use_guidance)
                                            if start > 0 else None)
         first_p = self._probs(logits)  # [B, V]: the exact distribution of token `start`
         first = self._force(multinomial_last_dim(first_p, generator), torch.full((batch,), start, device=device))
-        self.ids[:, start] = first
+        self._ids[:, start] = first
         self.accepted = torch.full((batch,), start + 1, dtype=torch.long, device=device)  # tokens fixed per row
+        self._accepted = [start + 1] * batch  # the same on the host: the bounds of the next pass
         self.drafts, self.proposals = self._draw_drafts(first_p[:, None].expand(-1, self.window, -1))
 
     @property
+    def ids(self) -> torch.Tensor:
+        """[B, N]: the accepted tokens (and, past `accepted`, not yet meaningful ones)."""
+        return self._ids[:, : self.n_tokens]
+
+    @property
     def done(self) -> bool:
-        return bool((self.accepted >= self.n_tokens).all())
+        return min(self._accepted) >= self.n_tokens
 
     @property
     def start(self) -> int:
         """The first position some row has not accepted (the cache holds every position before start - 1)."""
-        return int(self.accepted.min())
+        return min(self._accepted)
 
     def run(self, progress: bool = False, on_step: Optional[StepCallback] = None) -> torch.Tensor:
         """Decode to the end; on_step(tokens past the prefix every row has, tokens past the prefix) after each pass
@@ -82,57 +98,59 @@ class JacobiDecoder:
             if on_step is not None:
                 on_step(min(self.start, self.n_tokens) - self.prefix_len, self.n_tokens - self.prefix_len)
         bar.close()
-        return self.ids
+        return self.ids.contiguous()
 
     # ------------------------------------------------------------------ one pass
     def step(self) -> None:
         """One forward pass over every row's window, verification, and the next drafts."""
-        W, N = self.window, self.n_tokens
-        batch, device = self.ids.shape[0], self.ids.device
-        c = self.start
-        rel = torch.arange(W, device=device)
+        W, N, rel = self.window, self.n_tokens, self.rel
+        c, ahead = min(self._accepted), max(self._accepted)
+        last = min(ahead + W - 1, N - 1)  # the last position some row's window predicts
+        L = last - c + 1  # fed positions c-1 .. last-1 predict c .. last
         window_pos = self.accepted[:, None] + rel  # [B, W] absolute positions of each row's window
-        valid = window_pos < N
-        last = int(torch.where(valid, window_pos, torch.zeros_like(window_pos)).max())  # last position to predict
-        fed_pos = torch.arange(c - 1, last, device=device)  # [L]: feeding these predicts c .. last
-        offset = fed_pos[None, :] - self.accepted[:, None]  # [B, L]: < 0 accepted, 0..W-1 a draft
-        fed = torch.where(offset < 0, self.ids[:, fed_pos],
-                          self.drafts.gather(1, offset.clamp(0, W - 1)))
-        fed = torch.where(offset >= W, torch.zeros_like(fed), fed)  # past a slower row's window: never looked at
+        aligned = c == ahead  # every row at the same position (always at batch 1)
+        if aligned:
+            fed = torch.cat([self._ids[:, c - 1 : c], self.drafts[:, : L - 1]], dim=1)
+        else:
+            offset = torch.arange(c - 1, last, device=rel.device)[None, :] - self.accepted[:, None]  # [B, L]
+            # < 0: an accepted token; 0..W-1: a draft; past a slower row's window: never looked at
+            fed = torch.where(offset < 0, self._ids[:, c - 1 : last], self.drafts.gather(1, offset.clamp(0, W - 1)))
         logits, self.cache = self.model.decode_window(double_for_guidance(fed, self.use_guidance), c - 1, self.cache)
         self.forward_passes += 1
-        p_all = self._probs(logits)  # [B, L, V]: index i predicts position c + i
-        index = (window_pos - c).clamp(max=p_all.shape[1] - 1)
-        p = p_all.gather(1, index[..., None].expand(-1, -1, p_all.shape[-1]))  # [B, W, V] at the window positions
+        p = self._probs(logits)  # [B, L, V]: index i predicts position c + i
+        if not (aligned and L == W):  # the window positions of each row, the last one repeated past the image
+            index = (window_pos - c).clamp(max=L - 1)
+            p = p[self.rows[:, None], index]  # [B, W, V]
 
+        # window positions inside the image per row: W for every row until a window reaches the end
+        n_valid = W if ahead + W <= N else (N - self.accepted).clamp(max=W)
         x = self.drafts
-        px = p.gather(-1, x[..., None]).squeeze(-1)
-        qx = self.proposals.gather(-1, x[..., None]).squeeze(-1)
-        u = uniform_noise((batch, W), self.generator, device=device)
-        known = self.known.gather(1, window_pos.clamp(max=N - 1))
-        rejected = valid & ~known & (u * qx >= px)  # accept x with probability min(1, p(x) / q(x))
-        n_valid = valid.sum(dim=1)
-        stop = torch.where(rejected.any(dim=1), rejected.float().argmax(dim=1), n_valid)  # [B] first rejection
+        px = p.gather(-1, x[..., None])[..., 0]
+        qx = self.proposals.gather(-1, x[..., None])[..., 0]
+        u = uniform_noise((x.shape[0], 2 * W + 1), self.generator, device=x.device)  # this pass's numbers, per row
+        rejected = u[:, :W] * qx >= px  # accept x with probability min(1, p(x) / q(x))
+        if self.has_known:
+            rejected &= ~self.known.gather(1, window_pos.clamp(max=N - 1))
+        stop = torch.where(rejected, rel, W).amin(dim=1).clamp(max=n_valid)  # [B] first rejection, else n_valid
+        gained = (stop + 1).clamp(max=n_valid)  # accepted drafts + the redrawn token
 
-        residual = (p - self.proposals).clamp(min=0).gather(1, stop.clamp(max=W - 1)[:, None, None]
-                                                              .expand(-1, 1, p.shape[-1])).squeeze(1)
-        p_stop = p.gather(1, stop.clamp(max=W - 1)[:, None, None].expand(-1, 1, p.shape[-1])).squeeze(1)
+        at_stop = stop.clamp(max=W - 1)
+        p_stop, q_stop = p[self.rows, at_stop], self.proposals[self.rows, at_stop]  # [B, V]
+        residual = (p_stop - q_stop).clamp(min=0)
         empty = residual.sum(dim=-1, keepdim=True) <= 0  # p <= q everywhere can only mean p == q: draw from p
-        redrawn = multinomial_last_dim(torch.where(empty, p_stop, residual), self.generator)  # [B]
-
-        new_tokens = torch.where(rel[None, :] == stop[:, None], redrawn[:, None], x)  # [B, W]
-        gained = torch.where(stop < n_valid, stop + 1, n_valid)  # accepted drafts + the redrawn token
-        keep = (rel[None, :] < gained[:, None]) & valid
-        rows, cols = keep.nonzero(as_tuple=True)
-        self.ids[rows, window_pos[rows, cols]] = new_tokens[rows, cols]
-
         # next window of each row: this pass's p where it predicted past the stop, else the last predicted one
-        shifted = gained[:, None] + rel[None, :]  # [B, W] old window index of each new window slot
-        last_p = p.gather(1, (n_valid - 1).clamp(min=0)[:, None, None].expand(-1, 1, p.shape[-1]))  # [B, 1, V]
-        fresh = shifted < n_valid[:, None]
-        source = p.gather(1, shifted.clamp(max=W - 1)[..., None].expand(-1, -1, p.shape[-1]))
+        source = (gained[:, None] + rel).clamp(max=n_valid - 1 if isinstance(n_valid, int) else n_valid[:, None] - 1)
+        proposals = p[self.rows[:, None], source]  # [B, W, V]
+        # one draw for the token at the stop (from the residual) and the next drafts (from their proposals)
+        drawn = categorical(torch.cat([torch.where(empty, p_stop, residual)[:, None], proposals], dim=1), u[:, W:])
+        redrawn, drafts = drawn[:, 0], drawn[:, 1:]
+        # accepted drafts, the redrawn token at the stop; columns after it are rewritten when they are accepted
+        self._ids.scatter_(1, window_pos, torch.where(rel == stop[:, None], redrawn[:, None], x))
         self.accepted = self.accepted + gained
-        self.drafts, self.proposals = self._draw_drafts(torch.where(fresh[..., None], source, last_p))
+        self._accepted = self.accepted.tolist()
+        if self.has_known:
+            drafts = self._force(drafts, self.accepted[:, None] + rel)
+        self.drafts, self.proposals = drafts, proposals
 
     # ------------------------------------------------------------------ helpers
     def _probs(self, logits: torch.Tensor) -> torch.Tensor:
@@ -141,10 +159,9 @@ class JacobiDecoder:
 
     def _draw_drafts(self, proposals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Drafts [B, W] drawn from proposals [B, W, V] (W per row, always), known positions forced."""
-        proposals = proposals.contiguous()
         drafts = multinomial_last_dim(proposals, self.generator)
-        if self.known.any():
-            drafts = self._force(drafts, self.accepted[:, None] + torch.arange(self.window, device=drafts.device))
+        if self.has_known:
+            drafts = self._force(drafts, self.accepted[:, None] + self.rel)
         return drafts, proposals
 
     def _force(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .base import TokenTransformer, check_ids
 from .config import GeneratorConfig
-from .layers import init_weights
+from .layers import init_weights, window_attention_mask
 from .schedule import NULL_TEXT_ID
 
 DIRECTIONS = ("t2i", "i2t")  # the index is the row of the direction embedding
@@ -282,7 +282,9 @@ class GPT(TokenTransformer):
         logits [B, n, V] for positions pos+1..pos+n, the cache holding positions < pos+n)."""
         start = self._sizes(direction)[0] + pos
         x = self._embed(direction, None, tokens, pos)  # [B, n, C]
+        n = tokens.shape[1]
+        mask = window_attention_mask(n, start, x) if n > 1 else None  # one mask for every layer
         for i, block in enumerate(self.blocks):
-            x = block(x, causal=True, kv_cache=cache.layer(i), start=start)
+            x = block(x, causal=True, kv_cache=cache.layer(i), start=start, window_mask=mask)
         cache.index = start + tokens.shape[1]
         return self._head(direction)(self.ln_f(x)).float(), cache  # [B, n, V]

@@ -26,7 +26,9 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention through `F.scaled_dot_product_attention`.
 
     With `kv_cache=(k, v)` (static tensors [B,H,L,D] of one layer) the new keys/values are written at positions
-    [start, start+n) and the queries attend to everything in [0, start+n): the prefill / one-token-step path.
+    [start, start+n) and the queries attend to everything in [0, start+n): the prefill / one-token-step path. Several
+    new tokens after a filled cache (a speculative window) see the cache and the window causally
+    (`window_attention_mask`, which a caller running every layer passes as `window_mask`, built once).
     """
 
     def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool):
@@ -44,6 +46,7 @@ class SelfAttention(nn.Module):
         causal: bool,
         kv_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
         start: int = 0,
+        window_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         n = x.shape[1]
         q, k, v = rearrange(self.c_attn(x), "b n (three h d) -> three b h n d", three=3, h=self.n_head)
@@ -57,8 +60,8 @@ class SelfAttention(nn.Module):
         if causal:
             if start == 0:
                 is_causal = n > 1  # queries and keys are the same positions
-            elif n > 1:
-                attn_mask = causal_mask_with_offset(n, start, x.device)
+            elif n > 1:  # a window after the cache: the caller may pass its mask, built once for every layer
+                attn_mask = window_mask if window_mask is not None else window_attention_mask(n, start, x)
             # start > 0 and n == 1: the single new query sees every cached key, no mask needed
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
@@ -72,6 +75,13 @@ def causal_mask_with_offset(n_new: int, start: int, device: torch.device) -> tor
     query_pos = torch.arange(start, start + n_new, device=device)
     key_pos = torch.arange(start + n_new, device=device)
     return key_pos[None, :] <= query_pos[:, None]
+
+
+def window_attention_mask(n_new: int, start: int, like: torch.Tensor) -> torch.Tensor:
+    """The additive form of `causal_mask_with_offset` in like's dtype (0 = seen, -inf = hidden): what
+    scaled_dot_product_attention would otherwise convert a bool mask to in every layer."""
+    seen = causal_mask_with_offset(n_new, start, like.device)
+    return torch.zeros(seen.shape, dtype=like.dtype, device=like.device).masked_fill_(~seen, float("-inf"))
 
 
 class MLP(nn.Module):
@@ -97,8 +107,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(n_embd, bias)
         self.mlp = MLP(n_embd, dropout, bias)
 
-    def forward(self, x, causal: bool, kv_cache=None, start: int = 0):
-        x = x + self.attn(self.ln_1(x), causal=causal, kv_cache=kv_cache, start=start)
+    def forward(self, x, causal: bool, kv_cache=None, start: int = 0, window_mask=None):
+        x = x + self.attn(self.ln_1(x), causal=causal, kv_cache=kv_cache, start=start, window_mask=window_mask)
         return x + self.mlp(self.ln_2(x))
 
 
