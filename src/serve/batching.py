@@ -34,6 +34,7 @@ class Batcher:
         self.cond = threading.Condition()
         self.closing = False
         self.running_images = self.running_jobs = 0
+        self.finishing_jobs = 0  # jobs sampled and not yet delivered (decoding on the finishing thread)
         self.batch_started = 0.0  # time.monotonic() when the running batch started
         self.step = (0, 0)  # decoding steps done, steps in all, of the running batch
         self.batch_seconds = 1.0  # running mean of a batch's duration, for Retry-After
@@ -47,6 +48,10 @@ class Batcher:
 
     def depth(self) -> int:
         return len(self.pending)
+
+    def active(self) -> int:
+        """Jobs sampling or being finished (decoded), not yet answered."""
+        return self.running_jobs + self.finishing_jobs
 
     def close(self, timeout: Optional[float] = None) -> None:
         """Refuse new jobs, finish the waiting ones, stop the worker (and the finishing thread once it is done)."""
@@ -148,6 +153,8 @@ class Batcher:
             self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * (time.perf_counter() - start)
             self.running_images, self.running_jobs, self.step = 0, 0, (0, 0)
             if error is None and self.finishing is not None:
+                with self.cond:
+                    self.finishing_jobs += len(group)
                 self.finishing.submit(self._finish, group, images, value)
             else:
                 self._deliver(group, images, value, error)
@@ -157,6 +164,8 @@ class Batcher:
             results, error = self.finish(group, value), None
         except Exception as e:
             results, error = None, e
+        with self.cond:
+            self.finishing_jobs -= len(group)
         self._deliver(group, images, results, error)
 
     def _deliver(self, group: list, images: int, results, error) -> None:

@@ -152,7 +152,7 @@ def build_router(state, dependencies) -> APIRouter:
         """The running batch: the fraction of its decoding steps done and the seconds it still needs at its pace."""
         batcher = state.batcher
         fraction, eta, done, total = batcher.progress()
-        running = batcher.running_jobs
+        running = batcher.active()
         started = time.time() - (time.monotonic() - batcher.batch_started)
         return {"progress": round(fraction, 4), "eta_relative": round(eta, 3), "current_image": None,
                 "textinfo": None,
