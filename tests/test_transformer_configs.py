@@ -20,6 +20,8 @@ SHIPPED = {  # file -> (kind, n_layer, n_head, n_embd, preset with the same size
     "gpt_base.yaml": ("gpt", 12, 12, 768, "gpt_base"),
     "gpt_large.yaml": ("gpt", 24, 16, 1024, "gpt_large"),
     "mim_base.yaml": ("mim", 12, 12, 768, "mim_base"),
+    "demo/captioner.yaml": ("gpt", 4, 4, 96, "demo_gpt"),
+    "demo/gpt_both.yaml": ("gpt", 4, 4, 96, "demo_gpt"),
     "demo/gpt.yaml": ("gpt", 4, 4, 96, "demo_gpt"),
     "demo/mim.yaml": ("mim", 4, 4, 96, "demo_mim"),
 }
@@ -47,6 +49,8 @@ def test_shipped_config_parses_and_matches_its_preset(name):
     train = cfg["train"]
     assert train["warmup_steps"] < train["max_steps"] and 0 < train["min_lr"] < train["lr"]
     assert len(train["betas"]) == 2
+    if kind == "gpt":
+        assert list(config.directions) == cfg["model"].get("directions", ["t2i"])
     if kind == "mim":
         assert isinstance(config, MaskedTransformerConfig)
         assert config.label_smoothing == train["label_smoothing"]
