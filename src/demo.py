@@ -114,7 +114,7 @@ def prepare_tokenizer(train_tsv: str, path: str, dataset: str = "shapes") -> str
     if not os.path.isfile(path):
         prefix = os.path.join(os.path.dirname(path), "spm", "tokenizer")
         trained = TextTokenizer.train((row.text for row in iter_rows(train_tsv)), prefix, vocab_size=DEMO_VOCAB_SIZE,
-                                      user_defined_symbols=list(get_dataset(dataset).zh_words))
+                                      user_defined_symbols=list(get_dataset(dataset).pieces))
         with open(trained.model_file, "rb") as f:
             atomic_write_bytes(path, f.read())  # a half-written tokenizer is never reused
     return path
@@ -312,11 +312,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"torch CPU threads: the VQGAN and the sampling get N, each generator N // 2 (default "
                         f"{DEFAULT_THREADS}); the same N gives the same bits, whatever else the machine runs")
     p.add_argument("--seed", type=int, default=0, help="seed of the dataset, the training runs and the samples")
-    p.add_argument("--num-train", type=int, default=4000, help="training rows of the built-in dataset")
+    p.add_argument("--num-train", type=int, metavar="N",
+                   help="training rows of the built-in dataset (default: the dataset's own, shapes 4000, glyphs 16000)")
     p.add_argument("--num-val", type=int, default=256, help="validation rows of the built-in dataset")
     p.add_argument("--images-per-prompt", type=int, default=2, help="sample rows per generator in samples.png")
     p.add_argument("--config-dir", default=str(CONFIG_DIR), help="where vqgan.yaml, mim.yaml and gpt.yaml live")
     return p
+
+
+def fill_defaults(args) -> None:
+    """The defaults that depend on --dataset: the output directory and the number of training rows."""
+    if args.out is None:
+        args.out = "demo" if args.dataset == "shapes" else f"demo_{args.dataset}"
+    if args.num_train is None:
+        args.num_train = get_dataset(args.dataset).num_train
 
 
 def check_args(args) -> None:
@@ -346,8 +355,7 @@ def expected_minutes(steps: dict[str, int], names: Sequence[str], side_by_side: 
 def run_demo(args) -> dict:
     """Everything `make demo` does; returns {"timings": {stage: seconds}, "samples": path, "scores": {...},
     "capped": [one line per stage a --minutes-* cap stopped early]}."""
-    if args.out is None:
-        args.out = "demo" if args.dataset == "shapes" else f"demo_{args.dataset}"
+    fill_defaults(args)
     check_args(args)
     import torch
 

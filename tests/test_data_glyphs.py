@@ -90,7 +90,11 @@ def test_glyph_captions_tokenize_into_word_pieces(tmp_path):
     tokenizer = demo.TextTokenizer(demo.prepare_tokenizer(train_tsv, str(tmp_path / "tokenizer.model"), "glyphs"))
     pieces = tokenizer.pieces("左上角一个大的红色字母K")
     assert pieces[-4:] == ["大的", "红色", "字母", "K"], pieces
-    assert tokenizer.pieces("a small blue digit 7 on the right")[:5] == ["▁a", "▁small", "▁blue", "▁digit", "▁7"]
+    assert tokenizer.pieces("a small blue digit 7 on the right")[:6] == ["▁a", "▁small", "▁blue", "▁digit", "▁", "7"]
+    for char in CHARACTERS:  # one piece per character, whichever language names it
+        for lang in ("zh", "en"):
+            caption = glyph_caption(GlyphAttributes("red", char, "small", "left", "top"), lang)
+            assert char in tokenizer.pieces(caption), (caption, tokenizer.pieces(caption))
 
 
 def test_the_shipped_cjk_font_draws_chinese():

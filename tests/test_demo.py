@@ -123,6 +123,15 @@ def test_bad_flags_are_named(tmp_path, capsys):
     assert "no vqgan.yaml there" in capsys.readouterr().err
 
 
+def test_the_dataset_sets_the_default_rows_and_output_directory():
+    parse = demo.build_parser().parse_args
+    for argv, out, rows in ((["--dataset", "glyphs"], "demo_glyphs", 16000), ([], "demo", 4000),
+                            (["--dataset", "glyphs", "--num-train", "9", "--out", "x"], "x", 9)):
+        args = parse(argv)
+        demo.fill_defaults(args)
+        assert (args.out, args.num_train) == (out, rows), argv
+
+
 # ----------------------------------------------------------------------------------------------- end to end
 
 

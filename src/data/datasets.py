@@ -3,9 +3,9 @@
     shapes  one coloured circle, square or triangle (tokenpaint.data.demo)
     glyphs  one coloured letter or digit in one of three fonts (tokenpaint.data.glyphs)
 
-Each entry says how to write the dataset, its sample prompts, the Chinese words its caption tokenizer keeps as single
-pieces, how to caption random attributes (held-out prompts) and how to read attributes back from a caption and from
-pixels. `judge` compares the two: colour, identity (shape or character), size and position.
+Each entry says how to write the dataset and how many training rows the demo writes, its sample prompts, the pieces
+its caption tokenizer keeps whole (the Chinese words, and for glyphs the character names), how to caption random
+attributes (held-out prompts) and how to read attributes back from a caption and from pixels. `judge` compares the two: colour, identity (shape or character), size and position.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ class DemoDataset:
     name: str
     make: Callable[..., tuple]  # (out_dir, num_train, num_val, resolution, seed) -> (train, val, prompts) paths
     prompts: tuple[str, ...]  # drawn in the demo's samples.png
-    zh_words: tuple[str, ...]  # user-defined pieces of the caption tokenizer
+    pieces: tuple[str, ...]  # user-defined pieces of the caption tokenizer
+    num_train: int  # training rows the demo writes: ~12 per combination of attributes (shapes 324, glyphs 1296)
     identity: str  # the attribute that says what is drawn: "shape" or "char"
     attributes: tuple[str, ...]  # judged attributes (colour, identity, size, horizontal, vertical)
     random: Callable[[Any], Any]  # rng -> attributes
@@ -37,11 +38,12 @@ class DemoDataset:
 
 
 DATASETS = {
-    "shapes": DemoDataset("shapes", shapes.make_demo_dataset, tuple(shapes.DEMO_PROMPTS), SHAPES_ZH_WORDS, "shape",
+    "shapes": DemoDataset("shapes", shapes.make_demo_dataset, tuple(shapes.DEMO_PROMPTS), SHAPES_ZH_WORDS, 4000,
+                          "shape",
                           ("color", "shape", "size", "horizontal", "vertical"), shapes.random_attributes,
                           shapes.caption, shapes.parse_caption, shapes.measure_scene),
-    "glyphs": DemoDataset("glyphs", glyphs.make_glyph_dataset, tuple(glyphs.GLYPH_PROMPTS), glyphs.GLYPH_ZH_WORDS,
-                          "char", glyphs.GLYPH_ATTRIBUTES, glyphs.random_glyph, glyphs.glyph_caption,
+    "glyphs": DemoDataset("glyphs", glyphs.make_glyph_dataset, tuple(glyphs.GLYPH_PROMPTS), glyphs.GLYPH_PIECES,
+                          16000, "char", glyphs.GLYPH_ATTRIBUTES, glyphs.random_glyph, glyphs.glyph_caption,
                           glyphs.parse_glyph_caption, glyphs.measure_glyph),
 }
 

@@ -1,12 +1,12 @@
 """Second built-in demo dataset: one coloured letter or digit on a plain light background, captioned in English or
 Chinese ("a large red letter K at the top left" / "左上角一个大的红色字母K").
 
-Other statistics than the shapes (thin strokes instead of filled areas, 12 outlines instead of 3, three fonts), so
-that the demo's recipe is checked beyond the data it was tuned on. `measure_glyph` reads colour, character, size and
+Other statistics than the shapes (strokes instead of filled areas, 12 outlines instead of 3, three fonts, four times
+the attribute combinations), so that the demo's recipe is checked beyond the data it was tuned on. `measure_glyph` reads colour, character, size and
 position back from pixels (the character by the nearest rendered template), `parse_glyph_caption` from a prompt.
 
-The fonts: Pillow's built-in one (Aileron) and Noto Sans CJK SC (Regular and Black), which the `demo` extra installs
-(the pip package manimgx-fonts-cjk, SIL Open Font License 1.1; the demo also labels Chinese prompts with it).
+The fonts: Pillow's built-in one (Aileron, emboldened) and Noto Sans CJK SC (Bold and Black), which the `demo` extra
+installs (the pip package manimgx-fonts-cjk, SIL Open Font License 1.1; the demo also labels Chinese prompts with it).
 """
 from __future__ import annotations
 
@@ -26,7 +26,10 @@ from .demo import (BACKGROUND, COLOR_ZH, HORIZONTAL, PALETTE, SIZE_ZH, SIZES, VE
 LETTERS = tuple("AEHKLRST")  # distinct outlines, each a single piece for the tokenizer
 DIGITS = tuple("2347")
 CHARACTERS = LETTERS + DIGITS
-FONTS = ("aileron", "noto-regular", "noto-black")
+# Bold faces only: a regular weight's small glyphs have ~1-pixel strokes at 32x32, finer than the f4 VQGAN keeps the
+# colour of. Aileron (Pillow's built-in face, regular only) is emboldened by a stroke at render size.
+FONTS = ("aileron", "noto-bold", "noto-black")
+_EMBOLDEN = {"aileron": 5}  # stroke width in pixels at the render size
 _HEIGHT = {"small": 0.34, "large": 0.56}  # ink height as a fraction of the image
 _MARGIN = 0.04
 _RENDER = 96  # font size the glyph outlines are rendered at before scaling down
@@ -34,6 +37,9 @@ _SUPERSAMPLE = 4
 KIND_ZH = {"letter": "字母", "digit": "数字"}
 GLYPH_ZH_WORDS = (*COLOR_ZH.values(), *SIZE_ZH.values(), *KIND_ZH.values(), "中间", "左", "右", "上", "下", "边",
                   "角", "一个", "画面", "有", "在")
+# The characters are pieces too: else "letter K" gives "▁K" and "字母K" gives "K", two ids for one character, and each
+# language's id learns from half the images.
+GLYPH_PIECES = (*GLYPH_ZH_WORDS, *CHARACTERS)
 
 TEMPLATES = {
     "en": ("a {size} {color} {kind} {char} {where}", "{where} there is a {size} {color} {kind} {char}",
@@ -122,7 +128,7 @@ def _font(name: str):
     if path is None:
         raise RuntimeError("the glyphs dataset draws with Noto Sans CJK: install tokenpaint's demo extra "
                            "(pip install 'tokenpaint[demo]', which `make venv` does)")
-    return load_cjk_font(path, _RENDER, {"noto-regular": "Regular", "noto-black": "Black"}[name])
+    return load_cjk_font(path, _RENDER, {"noto-bold": "Bold", "noto-black": "Black"}[name])
 
 
 @functools.lru_cache(maxsize=None)
@@ -131,7 +137,8 @@ def _outline(char: str, font: str) -> np.ndarray:
     image = Image.new("L", (2 * _RENDER, 2 * _RENDER), 0)
     from PIL import ImageDraw
 
-    ImageDraw.Draw(image).text((_RENDER // 2, _RENDER // 4), char, fill=255, font=_font(font))
+    ImageDraw.Draw(image).text((_RENDER // 2, _RENDER // 4), char, fill=255, font=_font(font),
+                               stroke_width=_EMBOLDEN.get(font, 0), stroke_fill=255)
     ink = np.asarray(image, dtype=np.float32) / 255
     ys, xs = np.nonzero(ink > 0.02)
     return ink[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
@@ -251,7 +258,7 @@ def _write_split(path: str, num_rows: int, resolution: int, rng: np.random.Gener
     os.replace(tmp, path)
 
 
-def make_glyph_dataset(out_dir, num_train: int = 4000, num_val: int = 256, resolution: int = 32,
+def make_glyph_dataset(out_dir, num_train: int = 16000, num_val: int = 256, resolution: int = 32,
                        seed: int = 0) -> tuple[str, str, str]:
     """Write `train.tsv`, `val.tsv` (idx, caption, base64 PNG) and `prompts.tsv` (idx, GLYPH_PROMPTS) into out_dir,
     deterministically from `seed`. Returns (train_tsv, val_tsv, prompts_tsv)."""
