@@ -275,7 +275,7 @@ def test_one_at_a_time_trains_the_generators_in_this_process(tmp_path, capsys):
 
 
 def test_the_recipe_is_the_configs_step_counts(tmp_path):
-    assert demo.recipe_steps(CONFIGS) == {"vqgan": 1000, "mim": 3000, "gpt": 3000}
+    assert demo.recipe_steps(CONFIGS) == {"vqgan": 1000, "mim": 5000, "gpt": 5000}
     configs = tiny_configs(tmp_path / "configs")
     with open(os.path.join(configs, "mim.yaml"), encoding="utf-8") as f:
         cfg = yaml.safe_load(f)
