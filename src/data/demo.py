@@ -228,6 +228,18 @@ def _majority_color(pixels: np.ndarray, background: np.ndarray) -> str:
     return names[votes.most_common(1)[0][0]]
 
 
+def _foreground(pixels: np.ndarray, nothing: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(background colour: the border's median, each pixel's distance from it, pixels far enough to be drawn). Raises
+    ValueError "<nothing> stands out from the background" if no pixel is."""
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    background = np.median(border, axis=0)
+    distance = np.linalg.norm(pixels - background, axis=-1)
+    candidates = distance > 40
+    if not candidates.any():
+        raise ValueError(f"{nothing} stands out from the background")
+    return background, distance, candidates
+
+
 def measure_scene(image, upsample: int = 4) -> SceneAttributes:
     """Measure the drawn object from pixels (also on blurry, imperfect generated images).
 
@@ -241,12 +253,7 @@ def measure_scene(image, upsample: int = 4) -> SceneAttributes:
     """
     pixels = _as_pixels(image)
     height, width, _ = pixels.shape
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    background = np.median(border, axis=0)
-    distance = np.linalg.norm(pixels - background, axis=-1)
-    candidates = distance > 40
-    if not candidates.any():
-        raise ValueError("measure_scene: no object stands out from the background")
+    background, distance, candidates = _foreground(pixels, "measure_scene: no object")
     # the object = the largest blob of foreground pixels (specks and stray marks elsewhere are ignored)
     blob = np.zeros_like(candidates)
     blob[tuple(_largest_component(candidates).T)] = True

@@ -21,7 +21,7 @@ from PIL import Image, ImageFont
 
 from ..resources import cjk_font_path, load_cjk_font
 from .demo import (BACKGROUND, COLOR_ZH, HORIZONTAL, PALETTE, SIZE_ZH, SIZES, VERTICAL, _EN_WORDS, _ZH_CHARS,
-                   _as_pixels, check_fields, _largest_component, _majority_color, _where)
+                   _as_pixels, check_fields, _foreground, _largest_component, _majority_color, _where)
 
 LETTERS = tuple("AEHKLRST")  # distinct outlines, each a single piece for the tokenizer
 DIGITS = tuple("2347")
@@ -201,13 +201,7 @@ def _templates(resolution: int) -> tuple:
 def _coverage_box(pixels: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int], str]:
     """(coverage crop, (top, bottom, left, right) in pixels, colour) of the glyph: the strongly coloured pixels that
     belong to blobs of at least a fifth of the largest one (strokes may break apart in a generated image)."""
-    height, width, _ = pixels.shape
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    background = np.median(border, axis=0)
-    distance = np.linalg.norm(pixels - background, axis=-1)
-    candidates = distance > 40
-    if not candidates.any():
-        raise ValueError("measure_glyph: no glyph stands out from the background")
+    background, distance, candidates = _foreground(pixels, "measure_glyph: no glyph")
     largest = _largest_component(candidates)
     core = candidates.copy()
     rest = candidates.copy()
