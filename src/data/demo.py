@@ -137,16 +137,21 @@ def parse_caption(text: str, strict: bool = True) -> SceneAttributes:
     for field in (f.name for f in fields(SceneAttributes)):
         hits = {value for value, synonyms in _EN_WORDS[field].items() if words & set(synonyms)}
         hits |= {value for value, chars in _ZH_CHARS[field].items() if chars in text}
-        if len(hits) == 1:
-            found[field] = hits.pop()
-        elif not hits and field in _DEFAULT:
-            found[field] = _DEFAULT[field]
-        elif strict:
-            problem = f"mentions several ({', '.join(sorted(hits))})" if hits else "names none"
-            raise ValueError(f"parse_caption({text!r}): {problem} for {field}")
-        else:
-            found[field] = None
+        found[field] = resolve_field(field, hits, f"parse_caption({text!r})", strict)
     return SceneAttributes(**found)
+
+
+def resolve_field(field: str, hits: set, where: str, strict: bool) -> Optional[str]:
+    """The one value a caption names for `field`; absent position words mean center/middle. None or several: a
+    ValueError naming `where` and the field (strict), else None."""
+    if len(hits) == 1:
+        return next(iter(hits))
+    if not hits and field in _DEFAULT:
+        return _DEFAULT[field]
+    if strict:
+        problem = f"mentions several ({', '.join(sorted(hits))})" if hits else "names none"
+        raise ValueError(f"{where}: {problem} for {field}")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------------

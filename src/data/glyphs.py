@@ -21,7 +21,8 @@ from PIL import Image, ImageFont
 
 from ..resources import cjk_font_path, load_cjk_font
 from .demo import (BACKGROUND, COLOR_ZH, HORIZONTAL, PALETTE, SIZE_ZH, SIZES, VERTICAL, _EN_WORDS, _ZH_CHARS,
-                   _as_pixels, check_fields, _foreground, _largest_component, _majority_color, _where)
+                   _as_pixels, check_fields, _foreground, _largest_component, _majority_color, _where,
+                   resolve_field)
 
 LETTERS = tuple("AEHKLRST")  # distinct outlines, each a single piece for the tokenizer
 DIGITS = tuple("2347")
@@ -103,18 +104,8 @@ def parse_glyph_caption(text: str, strict: bool = True) -> GlyphAttributes:
     for field in ("color", "size", "horizontal", "vertical"):
         found[field] = {value for value, synonyms in _EN_WORDS[field].items() if words & set(synonyms)}
         found[field] |= {value for value, zh in _ZH_CHARS[field].items() if zh in text}
-    values = {}
-    for field, hits in found.items():
-        if len(hits) == 1:
-            values[field] = hits.pop()
-        elif not hits and field in ("horizontal", "vertical"):
-            values[field] = "center" if field == "horizontal" else "middle"
-        elif strict:
-            problem = f"mentions several ({', '.join(sorted(hits))})" if hits else "names none"
-            raise ValueError(f"parse_glyph_caption({text!r}): {problem} for {field}")
-        else:
-            values[field] = None
-    return GlyphAttributes(**values)
+    return GlyphAttributes(**{field: resolve_field(field, hits, f"parse_glyph_caption({text!r})", strict)
+                              for field, hits in found.items()})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
