@@ -16,7 +16,8 @@ def cosine(r):
 
 
 class StandInMIM(nn.Module):
-    """logits[b, i] = T[hash(text_b)] + Q[i] + 0.1 * (number of masked inputs): known, and records every input."""
+    """logits[b, i] = T[hash(text_b)] + Q[i] + 0.1 * (number of masked inputs): known, and records every input
+    (its features are the logits, its head the identity)."""
 
     def __init__(self, side=4, vocab=8, seed=0):
         super().__init__()
@@ -32,10 +33,15 @@ class StandInMIM(nn.Module):
         n_masked = (image_ids == self.mask_token_id).sum(1, keepdim=True).float()  # [B, 1]
         return self.text_table[text_key][:, None] + self.pos_table[None] + 0.1 * n_masked[..., None]  # [B, N, V]
 
-    def forward(self, text_ids, image_ids, targets=None):
+    def features(self, text_ids, image_ids):  # the sampler's entry: features, then the (linear) head
         assert image_ids.shape[1] == self.config.image_size**2
         self.inputs.append((text_ids.clone(), image_ids.clone()))
-        return self.logits_for(text_ids, image_ids), None
+        return self.logits_for(text_ids, image_ids)
+
+    head = nn.Identity()
+
+    def forward(self, text_ids, image_ids, targets=None):
+        return self.head(self.features(text_ids, image_ids)), None
 
 
 TEXT = torch.tensor([[3, 1, 2, 0], [5, 0, 0, 0]])

@@ -279,7 +279,7 @@ def test_failing_batch_fails_only_its_requests_and_full_queue_is_503(pipes):
 
 
 def test_progress_reports_the_running_batch(pipes):
-    pipe = pipes["mim"][0]  # 4 decoding steps, one model call each
+    pipe = pipes["mim"][0]  # 4 decoding steps, one head call each
     calls, reached, release = [0], threading.Event(), threading.Event()
 
     def hold_third_step(module, args):
@@ -289,7 +289,7 @@ def test_progress_reports_the_running_batch(pipes):
             release.wait(30)
 
     server = serve(pipes, "mim", max_wait_ms=0, cache_size=0)
-    handle = pipe.model.register_forward_pre_hook(hold_third_step)
+    handle = pipe.model.head.register_forward_pre_hook(hold_third_step)
     try:
         idle = server.call("GET", "/sdapi/v1/progress")[2]
         assert idle["progress"] == 0.0 and idle["eta_relative"] == 0.0 and idle["state"]["job_count"] == 0
@@ -376,6 +376,37 @@ def test_a_batch_is_finished_while_the_next_one_samples():
     finally:
         batcher.close()
     assert (a, b, c) == (["A"], ["B"], ["C"]) and isinstance(boom, RuntimeError)  # a failure fails its batch only
+
+
+def test_each_job_is_answered_as_soon_as_it_is_finished():
+    import asyncio
+
+    from tokenpaint.serve.batching import Batcher
+    from tokenpaint.serve.jobs import Job
+
+    first_answered = threading.Event()
+
+    def finish(jobs, value):  # a generator, as the server's finish_jobs: one result per job, in order
+        yield [value[0].upper()]
+        assert first_answered.wait(10)  # job "a" got its answer while "b" and "c" were still being finished
+        yield [value[1].upper()]
+        raise RuntimeError("decoding c failed")
+
+    batcher = Batcher(lambda jobs: [job.prompts[0] for job in jobs], max_batch=3, max_wait_ms=1000, queue_size=8,
+                      finish=finish)
+    batcher.start()
+
+    async def requests():
+        futures = [asyncio.ensure_future(batcher.submit(Job([p], [0], [""], {}))) for p in ("a", "b", "c")]
+        a = await futures[0]
+        first_answered.set()
+        return [a] + list(await asyncio.gather(*futures[1:], return_exceptions=True))
+
+    try:
+        a, b, c = asyncio.run(requests())
+    finally:
+        batcher.close()
+    assert (a, b) == (["A"], ["B"]) and isinstance(c, RuntimeError)  # the failure fails the jobs not yet answered
 
 
 def test_result_cache_is_lru_and_bounded_in_bytes():

@@ -1,6 +1,7 @@
 """Iterative masked decoding (MaskGIT) for the bidirectional masked transformer.
 
-Per step t of T (r = (t+1)/T): predict every masked position, sample a token there, confidence = p(sampled token)
+Per step t of T (r = (t+1)/T): predict every masked position (the model's head runs there alone, on the guided
+features: `MaskedTransformer.features`), sample a token there, confidence = p(sampled token)
 (known and already fixed tokens: +inf), keep `floor(U * gamma(r))` of them masked (U = unknown tokens at the start,
 which is N for an all-masked start), clamped to [1, unknown now - 1], 0 at the final step, choosing the least
 confident by log p + tau * Gumbel with tau = choice_temperature * (1 - r).
@@ -96,14 +97,15 @@ def sample_masked(
             if on_step is not None:
                 on_step(steps, steps)
             break
-        logits, _ = model(text_in, double_for_guidance(ids, use_guidance))  # [B or 2B, N, V]
+        features = model.features(text_in, double_for_guidance(ids, use_guidance))  # [B or 2B, N, C]
         scale = guidance_at(step, steps, guidance_scale, guidance_schedule)
-        guided = split_guidance(logits, scale, use_guidance)  # [B, N, V]
-        sampled, probs = sample_from_logits(guided, None, temperature=temperature, top_k=top_k,
-                                            uniform=noise[:, step, 0])
-        sampled = torch.where(masked, sampled, ids)
-        confidence = probs.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)  # p(sampled token) [B, N]
-        confidence = torch.where(masked, confidence, torch.full_like(confidence, math.inf))
+        # the head is linear: guiding its input is guiding the logits; it runs at the masked positions only [M, V]
+        logits = model.head(split_guidance(features, scale, use_guidance)[masked].to(features.dtype))
+        drawn, probs = sample_from_logits(logits, None, temperature=temperature, top_k=top_k,
+                                          uniform=noise[:, step, 0][masked])
+        sampled = ids.masked_scatter(masked, drawn)
+        confidence = torch.full(ids.shape, math.inf, device=device)  # p(sampled token) [B, N]; fixed tokens: inf
+        confidence[masked] = probs.gather(-1, drawn.unsqueeze(-1)).squeeze(-1)
         keep = keep_masked_count(step, steps, n_unknown_start, masked.sum(dim=1), gamma)
         tau = choice_temperature * (1.0 - (step + 1) / steps)
         remask = mask_by_random_topk(keep, confidence, tau, noise=gumbel_from_uniform(noise[:, step, 1]))

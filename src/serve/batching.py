@@ -3,10 +3,12 @@
 One worker thread runs the model. It takes the oldest waiting job, waits up to `max_wait_ms` (from that job's
 arrival) for more jobs with the same batch key until `max_batch` images are collected, and runs them as one batch.
 Jobs with other keys keep their place. With a `finish` step (the server's: VQGAN decoding and PNG encoding), a
-second thread finishes a batch while the worker samples the next, so under load a second core is not left idle.
-An exception (in either step) fails only the jobs of its batch. Requests are answered through
-asyncio futures on the event loop that submitted them. The running batch's decoding steps are reported to
-`report_step` (the sampler's on_step), which `progress()` turns into a fraction and an ETA.
+second thread finishes a batch while the worker samples the next, so under load a second core is not left idle;
+it answers each job as soon as that job's images are done, so that its client's next request can join the next
+batch while the rest is decoded (with 16 clients and a batch of 16, the model thread otherwise waits for the whole
+batch to be decoded and sent). An exception (in either step) fails only the jobs of its batch not yet answered.
+Requests are answered through asyncio futures on the event loop that submitted them. The running batch's decoding
+steps are reported to `report_step` (the sampler's on_step), which `progress()` turns into a fraction and an ETA.
 """
 
 from __future__ import annotations
@@ -17,17 +19,18 @@ import threading
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 from .errors import RequestError
 
 
 class Batcher:
-    """run(jobs) -> one result per job, or with finish: run(jobs) -> value and finish(jobs, value) -> one result per
-    job, finish on its own thread."""
+    """run(jobs) -> one result per job, or with finish: run(jobs) -> value and finish(jobs, value) -> an iterable of
+    one result per job, in order, run on its own thread; each job is answered as soon as its result comes."""
 
     def __init__(self, run: Callable[[list], object], max_batch: int, max_wait_ms: float, queue_size: int,
-                 metrics=None, threads: Optional[int] = None, finish: Optional[Callable[[list, object], list]] = None):
+                 metrics=None, threads: Optional[int] = None,
+                 finish: Optional[Callable[[list, object], Iterable]] = None):
         self.run, self.finish, self.max_batch, self.max_wait = run, finish, max_batch, max_wait_ms / 1000.0
         self.queue_size, self.metrics, self.threads = queue_size, metrics, threads
         self.pending: deque = deque()
@@ -160,22 +163,33 @@ class Batcher:
                 self._deliver(group, images, value, error)
 
     def _finish(self, group: list, images: int, value) -> None:
+        """Each job is answered as soon as its own result is finished: its client can send its next request while
+        the rest of the batch is decoded."""
+        done, error = 0, None
         try:
-            results, error = self.finish(group, value), None
+            for result in self.finish(group, value):
+                with self.cond:
+                    self.finishing_jobs -= 1
+                _answer(group[done], result, None)
+                done += 1
         except Exception as e:
-            results, error = None, e
+            error = e
         with self.cond:
-            self.finishing_jobs -= len(group)
-        self._deliver(group, images, results, error)
+            self.finishing_jobs -= len(group) - done
+        self._deliver(group[done:], images, None, error)  # the batch's metrics; an error answers the rest
 
     def _deliver(self, group: list, images: int, results, error) -> None:
         if self.metrics is not None:
             self.metrics.batch(images, failed=error is not None)
         for i, job in enumerate(group):
-            try:
-                job.loop.call_soon_threadsafe(_settle, job.future, None if error else results[i], error)
-            except RuntimeError:  # the event loop is gone
-                pass
+            _answer(job, None if error else results[i], error)
+
+
+def _answer(job, result, error) -> None:
+    try:
+        job.loop.call_soon_threadsafe(_settle, job.future, result, error)
+    except RuntimeError:  # the event loop is gone
+        pass
 
 
 def _settle(future, result, error) -> None:

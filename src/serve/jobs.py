@@ -12,7 +12,7 @@ import json
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 from PIL import Image
 
@@ -142,7 +142,7 @@ def check_edit(pipe, edit: Edit, fields: dict) -> None:
 
 def run_jobs(pipe, jobs: list[Job], batch_size: int, on_step=None) -> list[list[str]]:
     """Sample every job's rows (one call: rows of different jobs share batches) -> base64 PNGs per job."""
-    return finish_jobs(pipe, jobs, sample_jobs(pipe, jobs, batch_size, on_step))
+    return list(finish_jobs(pipe, jobs, sample_jobs(pipe, jobs, batch_size, on_step)))
 
 
 def sample_jobs(pipe, jobs: list[Job], batch_size: int, on_step=None):
@@ -162,11 +162,9 @@ def sample_jobs(pipe, jobs: list[Job], batch_size: int, on_step=None):
         return pipe.sample_rows(prompts, seeds, negatives, batch_size=batch_size, on_step=on_step, **options)
 
 
-def finish_jobs(pipe, jobs: list[Job], ids) -> list[list[str]]:
-    """Image ids (sample_jobs') -> base64 PNGs per job, each image decoded on its own."""
-    images = [encode_png(im) for im in pipe.decode(ids)]
-    out, start = [], 0
+def finish_jobs(pipe, jobs: list[Job], ids) -> Iterator[list[str]]:
+    """Image ids (sample_jobs') -> base64 PNGs per job, job by job as each is done (each image decoded on its own)."""
+    start = 0
     for job in jobs:
-        out.append(images[start : start + job.size])
+        yield [encode_png(im) for im in pipe.decode(ids[start : start + job.size])]
         start += job.size
-    return out

@@ -49,17 +49,7 @@ class MaskedTransformer(TokenTransformer):
         `masked_training_batch` builds them).
         """
         c = self.config
-        self._check_text(text_ids)
-        N = c.num_image_tokens
-        if image_ids.dim() != 2 or image_ids.shape[1] != N:
-            raise ValueError(f"image_ids must be [B, N={N}], got shape {tuple(image_ids.shape)}")
-        self._check_image("image_ids", image_ids, text_ids.shape[0], N, c.image_vocab_size)
-        T = c.text_len
-        x = torch.cat([self.embed.text(text_ids), self.embed.image(image_ids)], dim=1)  # [B, T+N, C]
-        x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, causal=False)
-        logits = self.head(self.ln_f(x[:, T:]))  # [B, N, V]
+        logits = self.head(self.features(text_ids, image_ids))  # [B, N, V]
         loss = None
         if targets is not None:
             self._check_targets(targets, image_ids.shape)
@@ -72,6 +62,24 @@ class MaskedTransformer(TokenTransformer):
                 label_smoothing=c.label_smoothing,
             )
         return logits, loss
+
+    def features(self, text_ids: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
+        """The head's input at the image positions: text_ids [B,T], image_ids [B,N] -> [B,N,C] (final-normed).
+
+        The head is linear, so a sampler may combine guidance halves here and run the head only where it draws
+        (`sampling.masked`): logits = head(features).
+        """
+        c = self.config
+        self._check_text(text_ids)
+        N = c.num_image_tokens
+        if image_ids.dim() != 2 or image_ids.shape[1] != N:
+            raise ValueError(f"image_ids must be [B, N={N}], got shape {tuple(image_ids.shape)}")
+        self._check_image("image_ids", image_ids, text_ids.shape[0], N, c.image_vocab_size)
+        x = torch.cat([self.embed.text(text_ids), self.embed.image(image_ids)], dim=1)  # [B, T+N, C]
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, causal=False)
+        return self.ln_f(x[:, c.text_len :])  # [B, N, C]
 
     def masked_training_batch(
         self, image_ids: torch.Tensor, generator: Optional[torch.Generator], schedule: str = "cosine"
